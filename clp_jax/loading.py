@@ -1,0 +1,180 @@
+"""Resolves `--model` (demo, a .gguf path, a Hugging Face directory or hub id) to a ready backbone.
+
+Converted parameters are cached in the user cache directory, keyed by the source's identity
+(absolute path, size and modification time of every weight file) and the parameter dtype, so only
+the first load pays for dequantization. The tokenizer and chat template are cached beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from clp_jax import assets
+from clp_jax.config import ModelConfig
+from clp_jax.qwen2 import Qwen2
+
+DEMO = "demo"
+_CACHE_FORMAT = 1
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A loaded backbone: model, tokenizer and what decoding needs to know about it."""
+
+    cfg: ModelConfig
+    model: Qwen2
+    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    source: str
+    eos_token_ids: tuple[int, ...]
+    load_seconds: float = 0.0
+    from_cache: bool = False
+
+
+def resolve_source(name: str, progress: bool = True) -> tuple[str, str]:
+    """Maps a --model value to (kind, path) with kind in {'gguf', 'hf'}."""
+    if name == DEMO:
+        return "gguf", assets.demo_gguf_path(progress=progress)
+    expanded = os.path.expanduser(name)
+    if expanded.endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise FileNotFoundError(f"GGUF file {expanded!r} does not exist.")
+        return "gguf", os.path.abspath(expanded)
+    if os.path.isdir(expanded):
+        return "hf", os.path.abspath(expanded)
+    if os.path.exists(expanded) or expanded.startswith((".", "/", "~")) or expanded.count("/") != 1:
+        raise FileNotFoundError(
+            f"--model {name!r} is neither 'demo', an existing .gguf file, a Hugging Face model "
+            "directory (with config.json and *.safetensors) nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'.")
+    return "hf", _download_from_hub(name)
+
+
+def _download_from_hub(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise RuntimeError(
+            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}).\n"
+            "Alternatives: --model demo (the built-in Qwen2.5-Coder-0.5B-Instruct GGUF), a local "
+            "Hugging Face directory, or a local .gguf file.") from e
+
+
+def _weight_files(kind: str, path: str) -> list[str]:
+    if kind == "gguf":
+        return [path]
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, "config.json")])
+
+
+def _cache_key(kind: str, path: str, param_dtype: str) -> str:
+    ident = [_CACHE_FORMAT, kind, param_dtype]
+    for f in _weight_files(kind, path):
+        st = os.stat(f)
+        ident.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+def _load_tokenizer(kind: str, path: str):
+    from transformers import AutoTokenizer
+
+    if kind == "gguf":
+        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
+    """Every token that ends a turn: the tokenizer's EOS, generation_config's, and Qwen's end markers."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if hf_dir and os.path.exists(os.path.join(hf_dir, "generation_config.json")):
+        with open(os.path.join(hf_dir, "generation_config.json")) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+    return tuple(sorted(ids))
+
+
+def _convert(kind: str, path: str, dtypes: dict, progress: bool) -> Qwen2:
+    from clp_jax import convert
+
+    if kind == "gguf":
+        return convert.convert_gguf(path, progress=progress, **dtypes)
+    return convert.convert_hf_dir(path, **dtypes)
+
+
+def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> None:
+    from safetensors.flax import save_file
+
+    from clp_jax.convert import flat_params
+
+    parent = os.path.dirname(entry)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
+    try:
+        save_file(flat_params(model), os.path.join(tmp, "params.safetensors"))
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"config": model.cfg.to_dict(), "eos_token_ids": list(eos_ids),
+                       "source": source}, f, indent=1)
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)  # the entry appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_cache(entry: str, dtype: str):
+    from safetensors.flax import load_file
+    from transformers import AutoTokenizer
+
+    from clp_jax.convert import model_from_flat
+    from clp_jax.qwen2 import abstract_model
+    from flax import nnx
+
+    with open(os.path.join(entry, "meta.json")) as f:
+        meta = json.load(f)
+    cfg = ModelConfig.from_dict({**meta["config"], "dtype": dtype})
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    model = model_from_flat(graphdef, abstract, load_file(os.path.join(entry, "params.safetensors")))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(entry, "tokenizer"))
+    return model, tokenizer, tuple(meta["eos_token_ids"])
+
+
+def load_backbone(name: str = DEMO, *, dtype: str = "float32", param_dtype: str | None = None,
+                  use_cache: bool = True, progress: bool = True) -> Backbone:
+    """Loads a backbone by --model value.
+
+    Args:
+      name: 'demo', a .gguf path, a Hugging Face directory or a hub id.
+      dtype: compute dtype; param_dtype defaults to it.
+      use_cache: read and write the converted-parameter cache.
+    """
+    t0 = time.perf_counter()
+    param_dtype = param_dtype or dtype
+    kind, path = resolve_source(name, progress=progress)
+    entry = os.path.join(assets.cache_dir("converted"),
+                         f"{os.path.basename(path.rstrip('/'))}-{_cache_key(kind, path, param_dtype)}")
+    if use_cache and os.path.exists(os.path.join(entry, "meta.json")):
+        try:
+            model, tokenizer, eos_ids = _load_cache(entry, dtype)
+            return Backbone(model.cfg, model, tokenizer, path, eos_ids,
+                            time.perf_counter() - t0, from_cache=True)
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            print(f"Converted-weights cache {entry} is unreadable ({e}); converting again.",
+                  file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+    model = _convert(kind, path, dict(dtype=dtype, param_dtype=param_dtype), progress)
+    tokenizer = _load_tokenizer(kind, path)
+    eos_ids = eos_token_ids(tokenizer, path if kind == "hf" else None)
+    if use_cache:
+        _save_cache(entry, model, tokenizer, eos_ids, path)
+    return Backbone(model.cfg, model, tokenizer, path, eos_ids, time.perf_counter() - t0)

@@ -1,0 +1,48 @@
+"""Shared fixtures. Eight fake CPU devices are requested before JAX initialises (sharding tests)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def tiny_hf_config(tied: bool, vocab_size: int = 128, **kw):
+    from transformers import Qwen2Config
+
+    fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=tied, rope_theta=10000.0, rms_norm_eps=1e-6)
+    fields.update(kw)
+    return Qwen2Config(**fields)
+
+
+def make_tiny_hf_model(tmp_dir: str, tied: bool, seed: int = 0, **kw):
+    """A random Qwen2ForCausalLM (GQA, non-zero q/k/v biases) saved with save_pretrained."""
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_hf_config(tied, **kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.2)  # HF initialises biases to zero; make them matter
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_dir)
+    return model
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
+def tiny_hf(request, tmp_path_factory):
+    """(torch model, checkpoint directory) for a tied and an untied tiny Qwen2."""
+    d = str(tmp_path_factory.mktemp("tied" if request.param else "untied"))
+    return make_tiny_hf_model(d, tied=request.param), d
+
+
+@pytest.fixture
+def rng():
+    return np.random.RandomState(0)
