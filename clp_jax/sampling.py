@@ -1,0 +1,59 @@
+"""Token choice: greedy, or sampling with temperature, top-k and top-p (nucleus) filtering."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
+    """The distribution tokens are drawn from: softmax(logits / T), filtered by top-k and top-p. [..., V]"""
+    logits = logits.astype(jnp.float32) / max(sc.temperature, 1e-6)
+    if sc.top_k:
+        kth = jax.lax.top_k(logits, sc.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    p = jax.nn.softmax(logits, axis=-1)
+    if sc.top_p < 1.0:
+        order = jnp.argsort(-p, axis=-1)
+        sorted_p = jnp.take_along_axis(p, order, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) >= sc.top_p
+        drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
+        p = jnp.where(drop, 0.0, p)
+        p = p / jnp.sum(p, axis=-1, keepdims=True)
+    return p
+
+
+def sample(key: jax.Array, p: jax.Array) -> jax.Array:
+    """Draws one token per row of p [..., V]."""
+    return jax.random.categorical(key, jnp.log(jnp.maximum(p, 1e-38)), axis=-1).astype(jnp.int32)
+
+
+def choose(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.Array:
+    """Greedy argmax, or a sample from `probs`."""
+    if sc.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample(key, probs(logits, sc))

@@ -1,0 +1,87 @@
+"""Test-only models and drafters whose behaviour is known."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clp_jax.config import ModelConfig
+from clp_jax.heads import Heads, HeadsConfig, Proposal
+from clp_jax.qwen2 import init_model
+
+
+def tiny_config(**kw) -> ModelConfig:
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False)
+    fields.update(kw)
+    return ModelConfig(**fields)
+
+
+def scaled_random_model(cfg: ModelConfig, seed: int = 0, logit_scale: float = 1.0):
+    """A random model; logit_scale sharpens its next-token distributions."""
+    model = init_model(cfg, seed)
+    if logit_scale != 1.0:
+        if cfg.tie_word_embeddings:
+            model.embed.embedding[...] = model.embed.embedding[...] * logit_scale
+        else:
+            model.lm_head.kernel[...] = model.lm_head.kernel[...] * logit_scale
+    return model
+
+
+def random_heads(model_cfg: ModelConfig, k: int, seed: int = 1, scale: float = 0.3, **kw) -> Heads:
+    """Heads with random (non-zero) weights: drafts that are sometimes right, often wrong."""
+    heads = Heads(HeadsConfig(hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, k=k, **kw),
+                  rngs=nnx.Rngs(seed))
+    state = nnx.state(heads, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [jax.random.normal(kk, x.shape, x.dtype) * scale for kk, x in zip(keys, leaves)]
+    nnx.update(heads, jax.tree.unflatten(treedef, leaves))
+    return heads
+
+
+def zero_heads(model_cfg: ModelConfig, k: int, **kw) -> Heads:
+    """Freshly initialised heads: each repeats the LM head's token; the CLP picks L=0."""
+    return Heads(HeadsConfig(hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, k=k, **kw),
+                 rngs=nnx.Rngs(0))
+
+
+def forced_length_heads(model_cfg: ModelConfig, k: int, length: int) -> Heads:
+    """Zero heads whose CLP always predicts `length` (its bias alone decides)."""
+    heads = zero_heads(model_cfg, k)
+    heads.clp.linear.bias[...] = jnp.zeros((k + 1,)).at[length].set(10.0)
+    return heads
+
+
+class OracleHeads(nnx.Module):
+    """Drafts the backbone's own greedy continuation, read from a reference table [B, T].
+
+    Row b of the table holds the full greedy sequence (prompt + continuation) of batch row b.
+    Its CLP always predicts `length` (default: all k heads).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, k: int, reference: np.ndarray, length: int | None = None):
+        self.cfg = HeadsConfig(hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, k=k,
+                               gate=False)
+        self.reference = nnx.Variable(jnp.asarray(reference, jnp.int32))
+        self.length = k if length is None else length
+        self.gate = None
+
+    def propose(self, backbone, h, k, position):
+        ref = self.reference[...]
+        idx = jnp.clip(position[:, None] + 2 + jnp.arange(k), 0, ref.shape[1] - 1)  # n+2 .. n+k+1
+        drafts = jnp.take_along_axis(ref, idx, axis=1)
+        draft_logits = 30.0 * jax.nn.one_hot(drafts, self.cfg.vocab_size)
+        length_logits = jnp.broadcast_to(jax.nn.one_hot(self.length, k + 1), (h.shape[0], k + 1))
+        return Proposal(backbone.logits(h), draft_logits, length_logits)
+
+
+def reference_table(prompts, continuations, rows: int, width: int) -> np.ndarray:
+    """[rows, width] of prompt + continuation per row; rows beyond the prompts repeat row 0."""
+    table = np.zeros((rows, width), np.int32)
+    for i in range(rows):
+        seq = list(prompts[i if i < len(prompts) else 0]) + list(continuations[i if i < len(prompts) else 0])
+        table[i, :len(seq)] = seq
+    return table

@@ -1,0 +1,208 @@
+"""The while_loop decoder on tiny models: every mode against `ar`, batches, stopping, compiles, errors."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from clp_jax.decoding import Decoder, DecodeConfig
+from clp_jax.kv_cache import init_cache
+from clp_jax.sampling import SamplingConfig
+
+from helpers import (OracleHeads, forced_length_heads, random_heads, reference_table, scaled_random_model,
+                     tiny_config, zero_heads)
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scaled_random_model(tiny_config(), seed=3, logit_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.RandomState(7)
+    return [rng.randint(0, 128, n).tolist() for n in (5, 11, 3)]
+
+
+@pytest.fixture(scope="module")
+def ar_tokens(model, prompts):
+    return Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=NEW)).generate(prompts).tokens
+
+
+def test_ar_matches_transformers_generate(tiny_hf):
+    torch = pytest.importorskip("torch")
+    from clp_jax.convert import convert_hf_dir
+
+    hf_model, path = tiny_hf
+    model = convert_hf_dir(path)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(0, 128, n).tolist() for n in (4, 13)]
+    out = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=16)).generate(prompts)
+    for p, toks in zip(prompts, out.tokens):
+        ref = hf_model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert toks == ref
+
+
+def test_ar_is_one_token_per_pass(model, prompts, ar_tokens):
+    out = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens == ar_tokens and out.tokens_per_pass == 1.0
+    assert all(len(t) == NEW for t in out.tokens)
+
+
+def _oracle(model, prompts, ar_tokens, k, length=None):
+    rows = 1 << (len(prompts) - 1).bit_length()  # the decoder's batch bucket
+    table = reference_table(prompts, ar_tokens, rows=rows, width=64 + NEW)
+    return OracleHeads(model.cfg, k, table, length)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", ["zero", "random", "oracle"])
+def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch):
+    k = 3
+    heads = {"zero": lambda: zero_heads(model.cfg, k), "random": lambda: random_heads(model.cfg, k),
+             "oracle": lambda: _oracle(model, prompts, ar_tokens, k)}[kind]()
+    if kind == "oracle" and batch == 1:  # the table's row 0 must be the decoded prompt
+        heads = _oracle(model, prompts[1:2], ar_tokens[1:2], k)
+    rows = prompts if batch == 3 else prompts[1:2]
+    want = ar_tokens if batch == 3 else ar_tokens[1:2]
+    out = Decoder(model, heads, DecodeConfig(mode="verify", k=k, max_new_tokens=NEW)).generate(rows)
+    assert out.tokens == want
+    if kind == "oracle":
+        assert out.tokens_per_pass > 3.0  # k+1 = 4 per pass but for the prefill and the budget's tail
+        # every draft is right; only the budget can cut the last step short (once per row)
+        assert np.all(out.offered.sum(0) - out.accepted.sum(0) <= len(rows))
+
+
+def test_clp_with_length_zero_equals_ar(model, prompts, ar_tokens):
+    heads = forced_length_heads(model.cfg, 3, length=0)
+    out = Decoder(model, heads, DecodeConfig(mode="clp", k=3, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens == ar_tokens and out.tokens_per_pass == 1.0
+
+
+def test_clp_with_oracle_equals_ar_in_fewer_passes(model, prompts, ar_tokens):
+    heads = _oracle(model, prompts, ar_tokens, 3)
+    out = Decoder(model, heads, DecodeConfig(mode="clp", k=3, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens == ar_tokens
+    assert out.passes.max() <= -(-NEW // 4) and out.tokens_per_pass > 3.5
+
+
+def test_clp_with_wrong_drafts_differs_from_ar(model, prompts, ar_tokens):
+    """Unverified acceptance is not lossless: random heads accepted blindly change the text."""
+    heads = random_heads(model.cfg, 3)
+    heads.clp.linear.bias[...] = jnp.zeros((4,)).at[3].set(100.0)
+    out = Decoder(model, heads, DecodeConfig(mode="clp", k=3, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens != ar_tokens and out.tokens_per_pass > 3.0
+
+
+def test_confadapt_threshold(model, prompts, ar_tokens):
+    oracle = _oracle(model, prompts, ar_tokens, 3)  # one-hot drafts: confidence 1.0
+    out = Decoder(model, oracle, DecodeConfig(mode="confadapt", k=3, tau=0.9, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens == ar_tokens and out.tokens_per_pass > 3.5
+    zero = zero_heads(model.cfg, 3)  # spread-out drafts never reach tau=1
+    out = Decoder(model, zero, DecodeConfig(mode="confadapt", k=3, tau=1.0, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens == ar_tokens and out.tokens_per_pass == 1.0
+
+
+def test_gate_rejecting_everything_equals_ar(model, prompts, ar_tokens):
+    heads = random_heads(model.cfg, 3)
+    heads.gate.fc2.bias[...] = jnp.full((3,), -100.0)
+    out = Decoder(model, heads, DecodeConfig(mode="gate", k=3, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens == ar_tokens
+    heads.gate.fc2.bias[...] = jnp.full((3,), 100.0)  # accept all: head 1 replaces the backbone
+    out = Decoder(model, heads, DecodeConfig(mode="gate", k=3, max_new_tokens=NEW)).generate(prompts)
+    assert out.tokens != ar_tokens and out.tokens_per_pass > 2.5
+
+
+def test_cached_decoding_equals_full_forward(model):
+    """Prefill then ragged chunks through the cache give the logits of one cache-free pass."""
+    rng = np.random.RandomState(1)
+    tokens = jnp.asarray(rng.randint(0, 128, (2, 20)))
+    full_hidden, _ = model(tokens, jnp.broadcast_to(jnp.arange(20), (2, 20)))
+    cache = init_cache(model.cfg, 2, 32)
+    got = []
+    for start, stop in [(0, 7), (7, 8), (8, 13), (13, 20)]:
+        pos = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
+        h, cache = model(tokens[:, start:stop], pos, cache)
+        got.append(h)
+    np.testing.assert_allclose(np.asarray(model.logits(jnp.concatenate(got, 1))),
+                               np.asarray(model.logits(full_hidden)), atol=1e-4)
+
+
+def test_chunk_past_the_cache_end_is_dropped(model):
+    """Writes beyond the cache are dropped, never clamped onto the last slots."""
+    cache = init_cache(model.cfg, 1, 8)
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    _, cache = model(tokens, jnp.asarray([[0, 1, 2, 3]]), cache)
+    before = np.asarray(cache[0].k)
+    _, cache = model(tokens, jnp.asarray([[8, 9, 10, 11]]), cache)  # entirely out of range
+    np.testing.assert_array_equal(np.asarray(cache[0].k), before)
+
+
+def test_eos_stops_each_row(model, prompts, ar_tokens):
+    eos = ar_tokens[0][4]
+    for mode, heads in [("ar", None), ("verify", _oracle(model, prompts, ar_tokens, 3)),
+                        ("clp", _oracle(model, prompts, ar_tokens, 3))]:
+        out = Decoder(model, heads, DecodeConfig(mode=mode, k=3, max_new_tokens=NEW),
+                      eos_ids=[eos]).generate(prompts)
+        for toks, ref in zip(out.tokens, ar_tokens):
+            want = ref[:ref.index(eos) + 1] if eos in ref else ref
+            assert toks == want, mode
+
+
+def test_budget_is_exact(model, prompts, ar_tokens):
+    heads = _oracle(model, prompts, ar_tokens, 3)
+    for n in (1, 2, 5, 7):
+        out = Decoder(model, heads, DecodeConfig(mode="verify", k=3, max_new_tokens=n)).generate(prompts)
+        assert out.tokens == [t[:n] for t in ar_tokens]
+
+
+def test_no_recompilation_within_a_bucket(model):
+    dec = Decoder(model, zero_heads(model.cfg, 2), DecodeConfig(mode="verify", k=2, max_new_tokens=6))
+    dec.generate([[1, 2, 3, 4, 5]])
+    assert dec.num_compiles == 2  # prefill + loop
+    dec.generate([[9, 8, 7, 6, 5, 4, 3, 2, 1]], seed=4)  # same prompt bucket (16), same batch bucket
+    assert dec.num_compiles == 2
+    dec.generate([[1, 2], [3, 4, 5]])  # batch bucket 2
+    dec.generate([[1, 2], [3, 4, 5], [6]])  # batch bucket 4
+    dec.generate([[1, 2], [3, 4, 5], [6], [7]])  # still bucket 4
+    assert dec.num_compiles == 6
+    dec.generate([list(range(20))])  # prompt bucket 32: a new prefill; the cache size rounds to
+    assert dec.num_compiles == 7  # the same multiple of 64, so the loop program is reused
+
+
+def test_streaming_yields_growing_prefixes(model, prompts, ar_tokens):
+    dec = Decoder(model, _oracle(model, prompts, ar_tokens, 3), DecodeConfig(mode="verify", k=3, max_new_tokens=NEW))
+    seen = [toks for toks, _ in dec.stream(prompts, steps_per_call=2)]
+    assert seen[-1] == ar_tokens and len(seen) > 2
+    for a, b in zip(seen, seen[1:]):
+        assert all(y[:len(x)] == x for x, y in zip(a, b))
+
+
+def test_sampling_is_deterministic_per_seed(model, prompts):
+    dc = DecodeConfig(mode="ar", max_new_tokens=12, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+    dec = Decoder(model, None, dc)
+    a, b, c = (dec.generate(prompts, seed=s).tokens for s in (0, 0, 1))
+    assert a == b and a != c
+
+
+def test_errors_before_compilation(model):
+    heads = zero_heads(model.cfg, 2)
+    with pytest.raises(ValueError, match="Unknown mode"):
+        DecodeConfig(mode="fast")
+    with pytest.raises(ValueError, match="larger than the 2 heads"):
+        Decoder(model, heads, DecodeConfig(mode="verify", k=3))
+    with pytest.raises(ValueError, match="needs MTP heads"):
+        Decoder(model, None, DecodeConfig(mode="clp"))
+    other = zero_heads(tiny_config(hidden_size=32, head_dim=8), 2)
+    with pytest.raises(ValueError, match="another backbone"):
+        Decoder(model, other, DecodeConfig(mode="verify", k=2))
+    dec = Decoder(model, heads, DecodeConfig(mode="verify", k=2, max_new_tokens=8, max_cache_len=64))
+    with pytest.raises(ValueError, match="more than the cache holds"):
+        dec.start([list(range(60))])
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        dec.start([list(range(55))])
+    assert dec.num_compiles == 0
