@@ -405,10 +405,12 @@ class Decoder:
         st = self.advance(st, 1 << 30)
         jax.block_until_ready(st.length)
         c2, t2 = self.compile_seconds, time.perf_counter()
-        n = len(prompts)
+        return self.result_of(st, len(prompts), (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1))
+
+    def result_of(self, st: DecodeState, n: int, prefill_seconds: float, decode_seconds: float) -> DecodeResult:
         passes, offered, accepted = jax.device_get((st.passes, st.offered, st.accepted))
         return DecodeResult(self.tokens_of(st, n), passes[:n], offered[:n], accepted[:n],
-                            prefill_seconds=(t1 - t0) - (c1 - c0), decode_seconds=(t2 - t1) - (c2 - c1))
+                            prefill_seconds, decode_seconds)
 
     def stream(self, prompts: Sequence[Sequence[int]], seed: int = 0,
                steps_per_call: int = 4) -> Iterator[tuple[list[list[int]], DecodeState]]:

@@ -1,0 +1,109 @@
+"""Heads checkpoints: the small trained add-ons, stored with Orbax apart from the backbone.
+
+A heads checkpoint is a directory holding `heads.json` (the HeadsConfig and a fingerprint of the
+backbone it was trained for) and `params/` (an Orbax PyTree checkpoint of the heads' parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from clp_jax.config import ModelConfig
+from clp_jax.heads import Heads, HeadsConfig
+
+_META = "heads.json"
+_PARAMS = "params"
+
+
+class CheckpointError(ValueError):
+    """A heads checkpoint is missing, unreadable or made for another backbone."""
+
+
+def backbone_fingerprint(cfg: ModelConfig) -> dict:
+    return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers,
+            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads}
+
+
+def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig, extra: dict | None = None) -> None:
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = nnx.to_pure_dict(nnx.state(heads, nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, _PARAMS), state, force=True)
+    with open(os.path.join(path, _META), "w") as f:
+        json.dump({"heads_config": json.loads(heads.cfg.to_json()),
+                   "backbone": backbone_fingerprint(backbone_cfg), **(extra or {})}, f, indent=1)
+
+
+def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
+    """Restores heads; with backbone_cfg, checks they were trained for that backbone."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.expanduser(path))
+    meta_path = os.path.join(path, _META)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"Heads checkpoint {path!r} does not exist. Train heads with train.py, "
+                              "or pass --heads zero for untrained heads.")
+    if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, _PARAMS)):
+        raise CheckpointError(f"{path!r} is not a heads checkpoint (expected {_META} and {_PARAMS}/).")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        cfg = HeadsConfig(**meta["heads_config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path} is corrupt ({e}).") from e
+    if backbone_cfg is not None and meta.get("backbone") != backbone_fingerprint(backbone_cfg):
+        raise CheckpointError(
+            f"Heads in {path!r} were trained for another backbone ({meta.get('backbone')}); this backbone "
+            f"is {backbone_fingerprint(backbone_cfg)}.")
+    heads = Heads(cfg, rngs=nnx.Rngs(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            nnx.to_pure_dict(nnx.state(heads, nnx.Param)))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(os.path.join(path, _PARAMS), abstract)
+    except Exception as e:
+        raise CheckpointError(f"Could not restore heads parameters from {path!r}: {e}") from e
+    state = nnx.state(heads, nnx.Param)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(heads, state)
+    return heads
+
+
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "shipped")
+
+
+def shipped_heads_path(model_name: str) -> str | None:
+    """The heads shipped in the package for a built-in backbone, if any."""
+    path = os.path.join(SHIPPED_DIR, f"{model_name}_heads")
+    return path if os.path.exists(os.path.join(path, _META)) else None
+
+
+def resolve_heads(heads_arg: str | None, model_name: str, backbone_cfg: ModelConfig, mode: str,
+                  k: int | None = None) -> Heads | None:
+    """--heads value -> Heads (None for `ar`, which needs none).
+
+    'zero' builds untrained zero-initialised heads; no value means the shipped heads of the backbone.
+    """
+    import sys
+
+    if mode == "ar" and heads_arg is None:
+        return None
+    if heads_arg == "zero":
+        print("Using untrained zero-initialised heads: every draft repeats the next token, so expect "
+              "few accepted drafts and a speedup below 1.", file=sys.stderr)
+        return Heads(HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size,
+                                 k=k or 4), rngs=nnx.Rngs(0))
+    if heads_arg is None:
+        heads_arg = shipped_heads_path(model_name)
+        if heads_arg is None:
+            raise CheckpointError(
+                f"Mode {mode!r} needs MTP heads and none are shipped for --model {model_name!r}: pass "
+                "--heads PATH (a checkpoint written by train.py), --heads zero (untrained), or --mode ar.")
+    return load_heads(heads_arg, backbone_cfg)

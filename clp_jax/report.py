@@ -1,0 +1,85 @@
+"""Terminal output of decode.py: streaming, statistics, the ar comparison and the chat loop."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from clp_jax.decoding import Decoder, DecodeResult
+
+
+def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=sys.stdout) -> DecodeResult:
+    """Decodes one prompt, printing text as tokens commit; timings exclude compilation."""
+    compile0, t0 = decoder.compile_seconds, time.perf_counter()
+    printed, first, st = "", None, None
+    for tokens, st in decoder.stream([prompt], seed=seed):
+        if first is None:
+            first = (time.perf_counter() - t0) - (decoder.compile_seconds - compile0)
+            compile1 = decoder.compile_seconds
+        text = tok.decode(tokens[0])
+        if len(text) > len(printed) and not text.endswith("\ufffd"):  # wait for whole characters
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    out.write(tok.decode(decoder.tokens_of(st, 1)[0])[len(printed):] + "\n")
+    total = (time.perf_counter() - t0) - (decoder.compile_seconds - compile0)
+    return decoder.result_of(st, 1, first, total - first)
+
+
+def stats_line(mode: str, results: Sequence[DecodeResult], decoder: Decoder) -> str:
+    tokens = sum(r.num_tokens for r in results)
+    seconds = sum(r.decode_seconds + r.prefill_seconds for r in results)
+    passes = sum(int(r.passes.sum()) for r in results)
+    offered = sum(r.offered.sum(0) for r in results)
+    accepted = sum(r.accepted.sum(0) for r in results)
+    acc = np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0)
+    heads = " ".join(f"{a:.2f}" for a in acc) if mode != "ar" else "-"
+    return (f"[{mode}] {tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.2f} tokens/s | "
+            f"{tokens / max(passes, 1):.2f} tokens per pass | head acceptance {heads} | "
+            f"compile {decoder.compile_seconds:.1f} s")
+
+
+def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
+    """Decodes every batch with the mode and with ar; prints speedup and exact match."""
+    mine, ref = [], []
+    for batch in batches:
+        mine.append(decoder.generate(batch, seed=seed))
+        ref.append(ar.generate(batch, seed=seed))
+    for batch, r in zip(batches, mine):
+        for p, t in zip(batch, r.tokens):
+            print(f"--- prompt: {tok.decode(p)!r}\n{tok.decode(t)}")
+    same = [a == b for r, q in zip(mine, ref) for a, b in zip(r.tokens, q.tokens)]
+    t_mode = sum(r.decode_seconds for r in mine)
+    t_ar = sum(r.decode_seconds for r in ref)
+    e2e_mode = sum(r.decode_seconds + r.prefill_seconds for r in mine)
+    e2e_ar = sum(r.decode_seconds + r.prefill_seconds for r in ref)
+    print(stats_line(decoder.dc.mode, mine, decoder))
+    print(stats_line("ar", ref, ar))
+    print(f"speedup over ar: {t_ar / t_mode:.2f}x decode, {e2e_ar / e2e_mode:.2f}x end to end")
+    print(f"exact match {np.mean(same):.2f} ({sum(same)}/{len(same)} prompts identical to ar)")
+    return 0
+
+
+def chat_loop(decoder: Decoder, tok, seed: int = 0) -> int:
+    """Interactive chat with the chat template; an empty line or EOF ends it."""
+    from clp_jax.prompts import encode
+
+    messages = []
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            return 0
+        if not line or line in ("exit", "quit"):
+            return 0
+        messages.append({"role": "user", "content": line})
+        ids = encode(tok, messages, chat=True)
+        decoder.check_prompts([ids])
+        print("assistant> ", end="", flush=True)
+        res = stream_one(decoder, tok, ids, seed=seed)
+        reply = tok.decode(res.tokens[0], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+        print(stats_line(decoder.dc.mode, [res], decoder), file=sys.stderr)

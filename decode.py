@@ -1,0 +1,85 @@
+"""Decode with a Qwen2.5 backbone and MTP heads: `python decode.py --mode verify --prompt "def f(n):"`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from clp_jax import decoding, report
+from clp_jax.decoding import DecodeConfig, Decoder
+from clp_jax.sampling import SamplingConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="demo", help="'demo', a .gguf file, a Hugging Face directory or hub id")
+    p.add_argument("--heads", default=None,
+                   help="heads checkpoint directory, or 'zero' for untrained zero-initialised heads "
+                        "(default: the shipped heads of the demo backbone, where they exist)")
+    p.add_argument("--mode", default="verify", choices=decoding.MODES)
+    p.add_argument("--k", type=int, default=None, help="heads to use (default: all the heads provide)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="jsonl: strings, {'prompt': ...} or {'messages': [...]}")
+    p.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
+    p.add_argument("--chat-template", action="store_true", help="wrap --prompt(s) in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-cache-len", type=int, default=4096)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--tau", type=float, default=0.9, help="confadapt confidence threshold")
+    p.add_argument("--verify-drafts", choices=("all", "clp"), default="all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--compare", choices=("ar",), help="also decode with ar: speedup and exact match")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from clp_jax import checkpoint, loading, prompts as prompts_lib
+
+    sampling_cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be >= 1.")
+    if not (args.prompt or args.prompts_file or args.chat):
+        args.prompt = ["def fibonacci(n):"]
+    backbone = loading.load_backbone(args.model, dtype=args.dtype)
+    print(f"backbone {backbone.source} ({'cached' if backbone.from_cache else 'converted'} in "
+          f"{backbone.load_seconds:.1f} s)", file=sys.stderr)
+    heads = checkpoint.resolve_heads(args.heads, args.model, backbone.cfg, args.mode, args.k)
+    k = args.k or (heads.cfg.k if heads is not None else 1)
+    dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
+                      tau=args.tau, verify_drafts=args.verify_drafts, max_cache_len=args.max_cache_len)
+    decoder = Decoder(backbone.model, heads, dc, backbone.eos_token_ids)
+    tok = backbone.tokenizer
+
+    if args.chat:
+        return report.chat_loop(decoder, tok, seed=args.seed)
+
+    raw = list(args.prompt or []) + (prompts_lib.read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    encoded = [prompts_lib.encode(tok, p, args.chat_template) for p in raw]
+    decoder.check_prompts(encoded)
+    batches = [encoded[i:i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
+
+    if args.compare:
+        ar = Decoder(backbone.model, None, DecodeConfig(**{**dc.__dict__, "mode": "ar"}), backbone.eos_token_ids)
+        return report.compare(decoder, ar, batches, tok, seed=args.seed)
+    stream = len(encoded) == 1
+    results = []
+    for batch in batches:
+        if stream:
+            results.append(report.stream_one(decoder, tok, batch[0], seed=args.seed))
+        else:
+            res = decoder.generate(batch, seed=args.seed)
+            for p, t in zip(batch, res.tokens):
+                print(f"--- prompt: {tok.decode(p)!r}\n{tok.decode(t)}")
+            results.append(res)
+    print(report.stats_line(dc.mode, results, decoder), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
