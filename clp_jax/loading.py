@@ -20,6 +20,7 @@ import time
 from clp_jax import assets
 from clp_jax.config import ModelConfig
 from clp_jax.qwen2 import Qwen2
+from clp_jax.tokenizer import load_tokenizer
 
 DEMO = "demo"
 _CACHE_FORMAT = 1
@@ -80,14 +81,6 @@ def _cache_key(kind: str, path: str, param_dtype: str) -> str:
         st = os.stat(f)
         ident.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
-
-
-def _load_tokenizer(kind: str, path: str):
-    from transformers import AutoTokenizer
-
-    if kind == "gguf":
-        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(path)
 
 
 def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
@@ -173,7 +166,7 @@ def load_backbone(name: str = DEMO, *, dtype: str = "float32", param_dtype: str 
                   file=sys.stderr)
             shutil.rmtree(entry, ignore_errors=True)
     model = _convert(kind, path, dict(dtype=dtype, param_dtype=param_dtype), progress)
-    tokenizer = _load_tokenizer(kind, path)
+    tokenizer = load_tokenizer(kind, path)
     eos_ids = eos_token_ids(tokenizer, path if kind == "hf" else None)
     if use_cache:
         _save_cache(entry, model, tokenizer, eos_ids, path)

@@ -37,12 +37,12 @@ def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
         logits = jnp.where(logits < kth, NEG_INF, logits)
     p = jax.nn.softmax(logits, axis=-1)
     if sc.top_p < 1.0:
-        order = jnp.argsort(-p, axis=-1)
-        sorted_p = jnp.take_along_axis(p, order, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) >= sc.top_p
-        drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
-        p = jnp.where(drop, 0.0, p)
+        sorted_p = -jnp.sort(-p, axis=-1)  # descending
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays); a
+        # threshold rather than a scatter back to vocabulary order (ties at the cut are kept)
+        keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < sc.top_p
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
+        p = jnp.where(p >= cutoff, p, 0.0)
         p = p / jnp.sum(p, axis=-1, keepdims=True)
     return p
 

@@ -63,3 +63,21 @@ def test_demo_tokenizer_and_chat_template(backbone):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     assert tok.convert_tokens_to_ids("<|im_end|>") in backbone.eos_token_ids
+
+
+def test_torch_free_gguf_tokenizer_matches_transformers(backbone):
+    """Our tokenizer (gguf reader, no torch) encodes like transformers' torch-based GGUF loader."""
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+
+    from clp_jax.tokenizer import tokenizer_from_gguf
+
+    path = backbone.source
+    ours = tokenizer_from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    for text in (PROMPT, "Hello  world! 你好 ünïcödé\t\ttabs", "<|im_start|>user\nhi<|im_end|>\n"):
+        assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    messages = [{"role": "user", "content": "Write a haiku."}]
+    assert (ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert (ours.eos_token, ours.pad_token) == (ref.eos_token, ref.pad_token)

@@ -1,0 +1,58 @@
+"""Per-pass cost of each decoding mode on a randomly initialised backbone of a given geometry.
+
+Random weights make acceptance meaningless, so modes are compared by milliseconds per backbone pass
+(drafts are forced off or on), which is what the speed of every mode is built from. Useful on
+machines without the demo backbone (e.g. an accelerator host with no network).
+
+  python tools/pass_cost.py --geometry qwen2.5-0.5b --new 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clp_jax.config import ModelConfig
+from clp_jax.decoding import DecodeConfig, Decoder
+from clp_jax.heads import Heads, HeadsConfig
+from clp_jax.qwen2 import Qwen2
+
+GEOMETRIES = {
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                         num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=False),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                         num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--geometry", default="qwen2.5-0.5b", choices=sorted(GEOMETRIES))
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    args = p.parse_args()
+    cfg = ModelConfig(**GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
+    model = Qwen2(cfg, rngs=nnx.Rngs(0))
+    heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=args.k,
+                              param_dtype=args.dtype), rngs=nnx.Rngs(0))
+    prompts = [list(range(100, 140))] * args.batch
+    print(f"device {jax.devices()[0].device_kind}, {args.geometry}, {args.dtype}, batch {args.batch}, k {args.k}")
+    base = None
+    for mode in ("ar", "clp", "verify", "confadapt"):
+        dec = Decoder(model, None if mode == "ar" else heads,
+                      DecodeConfig(mode=mode, k=args.k, max_new_tokens=args.new, tau=1.0))
+        dec.generate(prompts)  # compile and warm up
+        res = dec.generate(prompts)
+        ms = 1e3 * res.decode_seconds / max(int(res.passes.max()) - 1, 1)
+        base = base or ms
+        print(f"{mode:10s} {ms:8.2f} ms/pass  ({ms / base:.2f}x ar's pass)  compile {dec.compile_seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
