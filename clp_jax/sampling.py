@@ -49,7 +49,10 @@ def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
 
 def sample(key: jax.Array, p: jax.Array) -> jax.Array:
     """Draws one token per row of p [..., V]."""
-    return jax.random.categorical(key, jnp.log(jnp.maximum(p, 1e-38)), axis=-1).astype(jnp.int32)
+    positive = p > 0
+    # finite log-probabilities: no -inf and no denormal floor (XLA:CPU may flush it to zero)
+    logits = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), NEG_INF)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 def choose(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.Array:
