@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from clp_jax import decoding, report
 from clp_jax.decoding import DecodeConfig, Decoder
@@ -39,17 +38,27 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     from clp_jax import checkpoint, loading, prompts as prompts_lib
 
     sampling_cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if args.batch_size < 1:
-        raise SystemExit("--batch-size must be >= 1.")
+        raise ValueError("--batch-size must be >= 1.")
     if not (args.prompt or args.prompts_file or args.chat):
         args.prompt = ["def fibonacci(n):"]
+    raw = list(args.prompt or []) + (prompts_lib.read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    heads_source = checkpoint.heads_source(args.heads, args.model, args.mode)  # fails before the slow load
     backbone = loading.load_backbone(args.model, dtype=args.dtype)
     print(f"backbone {backbone.source} ({'cached' if backbone.from_cache else 'converted'} in "
           f"{backbone.load_seconds:.1f} s)", file=sys.stderr)
-    heads = checkpoint.resolve_heads(args.heads, args.model, backbone.cfg, args.mode, args.k)
+    heads = checkpoint.build_heads(heads_source, backbone.cfg, args.k)
     k = args.k or (heads.cfg.k if heads is not None else 1)
     dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
                       tau=args.tau, verify_drafts=args.verify_drafts, max_cache_len=args.max_cache_len)
@@ -59,7 +68,6 @@ def main(argv=None) -> int:
     if args.chat:
         return report.chat_loop(decoder, tok, seed=args.seed)
 
-    raw = list(args.prompt or []) + (prompts_lib.read_prompts_file(args.prompts_file) if args.prompts_file else [])
     encoded = [prompts_lib.encode(tok, p, args.chat_template) for p in raw]
     decoder.check_prompts(encoded)
     batches = [encoded[i:i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]

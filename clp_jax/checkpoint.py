@@ -85,25 +85,37 @@ def shipped_heads_path(model_name: str) -> str | None:
     return path if os.path.exists(os.path.join(path, _META)) else None
 
 
-def resolve_heads(heads_arg: str | None, model_name: str, backbone_cfg: ModelConfig, mode: str,
-                  k: int | None = None) -> Heads | None:
-    """--heads value -> Heads (None for `ar`, which needs none).
+def heads_source(heads_arg: str | None, model_name: str, mode: str) -> str | None:
+    """Where heads come from: 'zero', a checkpoint path, or None (`ar` needs none).
 
-    'zero' builds untrained zero-initialised heads; no value means the shipped heads of the backbone.
+    Cheap checks only, so that a wrong --heads fails before the backbone is loaded.
     """
-    import sys
-
     if mode == "ar" and heads_arg is None:
         return None
     if heads_arg == "zero":
-        print("Using untrained zero-initialised heads: every draft repeats the next token, so expect "
-              "few accepted drafts and a speedup below 1.", file=sys.stderr)
-        return Heads(HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size,
-                                 k=k or 4), rngs=nnx.Rngs(0))
+        return heads_arg
     if heads_arg is None:
         heads_arg = shipped_heads_path(model_name)
         if heads_arg is None:
             raise CheckpointError(
                 f"Mode {mode!r} needs MTP heads and none are shipped for --model {model_name!r}: pass "
                 "--heads PATH (a checkpoint written by train.py), --heads zero (untrained), or --mode ar.")
-    return load_heads(heads_arg, backbone_cfg)
+    path = os.path.abspath(os.path.expanduser(heads_arg))
+    if not os.path.exists(os.path.join(path, _META)):
+        raise CheckpointError(f"Heads checkpoint {path!r} does not exist or has no {_META}. Train heads "
+                              "with train.py, or pass --heads zero for untrained heads.")
+    return path
+
+
+def build_heads(source: str | None, backbone_cfg: ModelConfig, k: int | None = None) -> Heads | None:
+    """Heads from `heads_source`'s answer, checked against the backbone."""
+    import sys
+
+    if source is None:
+        return None
+    if source == "zero":
+        print("Using untrained zero-initialised heads: every draft repeats the next token, so expect "
+              "few accepted drafts and a speedup below 1.", file=sys.stderr)
+        return Heads(HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size,
+                                 k=k or 4), rngs=nnx.Rngs(0))
+    return load_heads(source, backbone_cfg)

@@ -179,7 +179,6 @@ class _Advance:
     def _commit_heads(self, model, heads, h, position, key_t1):
         """clp / confadapt / gate: t1 from the backbone (or head 1 for the gate) plus accepted heads."""
         dc, sc, k = self.dc, self.dc.sampling, self.dc.k
-        B = h.shape[0]
         j = jnp.arange(k + 1)
         if dc.mode == "gate":
             prop = heads.propose_gate(model, h, k)

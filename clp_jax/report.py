@@ -18,7 +18,6 @@ def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=
     for tokens, st in decoder.stream([prompt], seed=seed):
         if first is None:
             first = (time.perf_counter() - t0) - (decoder.compile_seconds - compile0)
-            compile1 = decoder.compile_seconds
         text = tok.decode(tokens[0])
         if len(text) > len(printed) and not text.endswith("\ufffd"):  # wait for whole characters
             out.write(text[len(printed):])

@@ -5,7 +5,6 @@ import itertools
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from clp_jax.decoding import Decoder, DecodeConfig

@@ -10,10 +10,8 @@ machines without the demo backbone (e.g. an accelerator host with no network).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from clp_jax.config import ModelConfig

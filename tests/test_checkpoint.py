@@ -1,0 +1,64 @@
+"""Heads checkpoints (Orbax) and decode.py's early, clear errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from clp_jax.checkpoint import CheckpointError, heads_source, load_heads, save_heads
+
+from helpers import random_heads, tiny_config
+
+
+def test_heads_round_trip(tmp_path):
+    cfg = tiny_config()
+    heads = random_heads(cfg, 3)
+    save_heads(str(tmp_path / "h"), heads, cfg)
+    restored = load_heads(str(tmp_path / "h"), cfg)
+    assert restored.cfg == heads.cfg
+    for a, b in zip(jax.tree.leaves(nnx.state(heads, nnx.Param)), jax.tree.leaves(nnx.state(restored, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_heads_for_another_backbone_are_refused(tmp_path):
+    cfg = tiny_config()
+    save_heads(str(tmp_path / "h"), random_heads(cfg, 2), cfg)
+    with pytest.raises(CheckpointError, match="another backbone"):
+        load_heads(str(tmp_path / "h"), tiny_config(hidden_size=32, head_dim=8))
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_heads(str(tmp_path / "nothing"))
+    cfg = tiny_config()
+    save_heads(str(tmp_path / "h"), random_heads(cfg, 2), cfg)
+    with open(tmp_path / "h" / "heads.json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_heads(str(tmp_path / "h"))
+
+
+def test_heads_source_fails_before_loading_anything(tmp_path):
+    assert heads_source(None, "demo", "ar") is None
+    assert heads_source("zero", "demo", "verify") == "zero"
+    with pytest.raises(CheckpointError, match="needs MTP heads"):
+        heads_source(None, "some.gguf", "clp")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        heads_source(str(tmp_path / "missing"), "demo", "verify")
+
+
+def test_decode_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    import decode
+
+    assert decode.main(["--mode", "clp", "--model", str(tmp_path / "x.gguf")]) == 2
+    assert "needs MTP heads" in capsys.readouterr().err
+    assert decode.main(["--mode", "ar", "--model", str(tmp_path / "x.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"other": 1}) + "\n")
+    assert decode.main(["--mode", "ar", "--prompts-file", str(bad)]) == 2
+    assert "needs a string" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.gguf")
