@@ -20,7 +20,7 @@ import time
 from clp_jax import assets
 from clp_jax.config import ModelConfig
 from clp_jax.qwen2 import Qwen2
-from clp_jax.tokenizer import load_tokenizer
+from clp_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 DEMO = "demo"
 _CACHE_FORMAT = 1
@@ -97,12 +97,17 @@ def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _convert(kind: str, path: str, dtypes: dict, progress: bool) -> Qwen2:
+def _convert(kind: str, path: str, dtypes: dict, progress: bool):
+    """(model, tokenizer) of a source; a GGUF file is opened once for both."""
     from clp_jax import convert
 
     if kind == "gguf":
-        return convert.convert_gguf(path, progress=progress, **dtypes)
-    return convert.convert_hf_dir(path, **dtypes)
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        return (convert.convert_gguf(path, progress=progress, reader=reader, **dtypes),
+                tokenizer_from_gguf(path, reader=reader))
+    return convert.convert_hf_dir(path, **dtypes), load_tokenizer(kind, path)
 
 
 def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> None:
@@ -165,8 +170,7 @@ def load_backbone(name: str = DEMO, *, dtype: str = "float32", param_dtype: str 
             print(f"Converted-weights cache {entry} is unreadable ({e}); converting again.",
                   file=sys.stderr)
             shutil.rmtree(entry, ignore_errors=True)
-    model = _convert(kind, path, dict(dtype=dtype, param_dtype=param_dtype), progress)
-    tokenizer = load_tokenizer(kind, path)
+    model, tokenizer = _convert(kind, path, dict(dtype=dtype, param_dtype=param_dtype), progress)
     eos_ids = eos_token_ids(tokenizer, path if kind == "hf" else None)
     if use_cache:
         _save_cache(entry, model, tokenizer, eos_ids, path)
