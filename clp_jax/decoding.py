@@ -65,6 +65,11 @@ class DecodeConfig:
         """Slots fed per step."""
         return 1 if self.mode == "ar" else self.k + 1
 
+    @property
+    def slack(self) -> int:
+        """Cache positions one step may touch beyond the committed length (commits, drafts, chunk)."""
+        return 2 * self.width + self.k
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +121,7 @@ class _Advance:
 
         if dc.mode == "verify":
             commit, n_commit, h_next, n_acc = self._verify(model, st, hidden, chunk, i0, key_verify)
-            prop = heads.propose(model, h_next, k, st.fed + i0 + n_acc)
+            prop = heads.propose(model, h_next, k, st.fed + i0 + n_acc, need_t1=False)
             if sc.greedy:
                 drafts, draft_q = jnp.argmax(prop.draft_logits, -1).astype(jnp.int32), st.draft_q
             else:
@@ -147,7 +152,7 @@ class _Advance:
         n_commit = jnp.minimum(n_commit, budget)
         new_length = st.length + n_commit
         finished = has_eos | (new_length - st.prompt_len >= dc.max_new_tokens)
-        finished |= new_length + 2 * dc.width + k > S
+        finished |= new_length + dc.slack > S
 
         write = jnp.where(active[:, None] & (j[None, :] < n_commit[:, None]),
                           st.length[:, None] + j, S)  # S = dropped
@@ -348,23 +353,22 @@ class Decoder:
     # ------------------------------------------------------------------ host API
 
     def _capacity(self, prompt_bucket: int) -> int:
-        need = prompt_bucket + self.dc.max_new_tokens + 2 * self.dc.width + self.dc.k
+        need = prompt_bucket + self.dc.max_new_tokens + self.dc.slack
         return -(-need // 64) * 64  # round up: fewer distinct shapes
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """Raises before any compilation if a prompt cannot fit the cache."""
         if not prompts:
             raise ValueError("No prompts given.")
+        limit = min(self.dc.max_cache_len, self.cfg.max_position_embeddings)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"Prompt {i} is empty.")
-            need = len(p) + self.dc.max_new_tokens + 2 * self.dc.width + self.dc.k
-            limit = min(self.dc.max_cache_len, self.cfg.max_position_embeddings)
-            if len(p) + 2 * self.dc.width + self.dc.k > limit:
+            if len(p) + self.dc.slack > limit:
                 raise ValueError(f"Prompt {i} has {len(p)} tokens, more than the cache holds "
-                                 f"({limit} positions incl. {2 * self.dc.width + self.dc.k} for one step); "
+                                 f"({limit} positions incl. {self.dc.slack} for one step); "
                                  "shorten it or raise --max-cache-len.")
-            if need > limit:
+            if len(p) + self.dc.max_new_tokens + self.dc.slack > limit:
                 raise ValueError(f"Prompt {i} ({len(p)} tokens) + max_new_tokens "
                                  f"({self.dc.max_new_tokens}) exceeds the cache ({limit} positions); "
                                  "lower --max-new-tokens or raise --max-cache-len.")

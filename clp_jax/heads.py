@@ -99,7 +99,7 @@ class Gate(nnx.Module):
 class Proposal(NamedTuple):
     """What a drafter offers at one position n (all computed from h_n)."""
 
-    t1_logits: jax.Array  # [B, V] the backbone's own next-token logits
+    t1_logits: jax.Array | None  # [B, V] the backbone's own next-token logits (None if not asked for)
     draft_logits: jax.Array  # [B, k, V] logits of the tokens at n+2 .. n+k+1 (n+1 .. n+k for the gate)
     length_logits: jax.Array | None  # [B, k+1] CLP logits, or [B, k] gate accept logits
 
@@ -119,21 +119,26 @@ class Heads(nnx.Module):
         else:
             self.gate_heads = self.gate = None
 
-    def propose(self, backbone, h: jax.Array, k: int, position: jax.Array | None = None) -> Proposal:
+    def propose(self, backbone, h: jax.Array, k: int, position: jax.Array | None = None,
+                need_t1: bool = True) -> Proposal:
         """MTP drafts and CLP logits at h [B, D] (the state at `position` [B]), using the first k heads.
 
         Unconditioned heads share one output-projection call with t1 (the projection dominates memory
-        traffic); conditioned heads read Embed(argmax t1) and need a second call.
+        traffic); conditioned heads read Embed(argmax t1) and need a second call. With
+        need_t1=False (verify already has t1) the t1 row is left out where nothing needs it.
         """
         del position  # the heads read only h
-        if not self.cfg.conditioned:
+        t1_logits = None
+        if self.cfg.conditioned:
+            t1_logits = backbone.logits(h)
+            t1_embed = backbone.embed(jnp.argmax(t1_logits, axis=-1))
+            draft_logits = backbone.logits(self.mtp(h, t1_embed, k))
+        elif need_t1:
             states = self.mtp(h, None, k)  # [B, k, D]
             logits = backbone.logits(jnp.concatenate([h[:, None, :], states], axis=1))  # [B, 1+k, V]
             t1_logits, draft_logits = logits[:, 0], logits[:, 1:]
         else:
-            t1_logits = backbone.logits(h)
-            t1_embed = backbone.embed(jnp.argmax(t1_logits, axis=-1))
-            draft_logits = backbone.logits(self.mtp(h, t1_embed, k))
+            draft_logits = backbone.logits(self.mtp(h, None, k))  # [B, k, V]
         return Proposal(t1_logits, draft_logits, self.clp(h))
 
     def propose_gate(self, backbone, h: jax.Array, k: int) -> Proposal:

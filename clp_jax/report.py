@@ -14,7 +14,7 @@ from clp_jax.decoding import Decoder, DecodeResult
 def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=sys.stdout) -> DecodeResult:
     """Decodes one prompt, printing text as tokens commit; timings exclude compilation."""
     compile0, t0 = decoder.compile_seconds, time.perf_counter()
-    printed, first, st = "", None, None
+    printed, first, st, tokens = "", None, None, [[]]
     for tokens, st in decoder.stream([prompt], seed=seed):
         if first is None:
             first = (time.perf_counter() - t0) - (decoder.compile_seconds - compile0)
@@ -23,7 +23,7 @@ def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=
             out.write(text[len(printed):])
             out.flush()
             printed = text
-    out.write(tok.decode(decoder.tokens_of(st, 1)[0])[len(printed):] + "\n")
+    out.write(tok.decode(tokens[0])[len(printed):] + "\n")  # the last yield is the final state
     total = (time.perf_counter() - t0) - (decoder.compile_seconds - compile0)
     return decoder.result_of(st, 1, first, total - first)
 

@@ -69,7 +69,7 @@ class OracleHeads(nnx.Module):
         self.length = k if length is None else length
         self.gate = None
 
-    def propose(self, backbone, h, k, position):
+    def propose(self, backbone, h, k, position, need_t1=True):
         ref = self.reference[...]
         idx = jnp.clip(position[:, None] + 2 + jnp.arange(k), 0, ref.shape[1] - 1)  # n+2 .. n+k+1
         drafts = jnp.take_along_axis(ref, idx, axis=1)
