@@ -1,0 +1,175 @@
+"""Sharded, jit-compiled training of the heads, the CLP and the gate on a frozen backbone.
+
+A batch holds the frozen backbone's final hidden states (computed on the fly or cached), the token
+sequence they came from and a loss mask:  hidden [B, T, D], tokens [B, T], mask [B, T].
+Only the heads' parameters are differentiated and optimised; the backbone enters the step as a
+constant input (its output projection scores the heads), so it never receives gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clp_jax import losses, sharding
+from clp_jax.heads import Heads
+from clp_jax.qwen2 import Qwen2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20  # learning-rate warm-up
+    head_decay: float = 0.8  # weight of head j relative to head 1: decay**(j-1)
+    deep_heads_warmup: int = 100  # linear warm-up of heads 2..k's weight
+    clp_weight: float = 1.0
+    gate_weight: float = 1.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, tc.learning_rate, max(tc.warmup_steps, 1))
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                       optax.adamw(schedule, weight_decay=tc.weight_decay))
+
+
+def backbone_hidden(model: Qwen2, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Final hidden states [B, T, D] of the frozen backbone (cache-free causal pass)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden, _ = model(tokens, positions, kv_valid=mask)
+    return jax.lax.stop_gradient(hidden)
+
+
+def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array, tc: TrainConfig):
+    """Total loss and metrics of one batch (see clp_jax.losses for the alignment)."""
+    h, tokens, mask = batch["hidden"], batch["tokens"], batch["mask"].astype(bool)
+    k = heads.cfg.k
+    metrics = {}
+    targets, valid = losses.shifted_targets(tokens, mask, k, offset=1)
+    t1_embed = None
+    if heads.cfg.conditioned:  # the backbone's own next token s[t+1]
+        t1_embed = backbone.embed(jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1))
+    states = heads.mtp(h, t1_embed)  # [B, T, k, D]
+    weights = losses.head_weights(k, tc.head_decay, tc.deep_heads_warmup, step)
+    total, correct = 0.0, []
+    for j in range(k):  # one head at a time: [B, T, V] logits, not [B, T, k, V]
+        logits = backbone.logits(states[:, :, j])
+        ce = losses.masked_mean(losses.cross_entropy(logits, targets[..., j]), valid[..., j])
+        hit = jnp.argmax(logits, -1) == targets[..., j]
+        correct.append(hit)
+        total = total + weights[j] * ce
+        metrics[f"head{j + 1}_loss"] = ce
+        metrics[f"head{j + 1}_acc"] = losses.masked_mean(hit.astype(jnp.float32), valid[..., j])
+    correct = jax.lax.stop_gradient(jnp.stack(correct, -1))  # [B, T, k]
+    labels = losses.clp_labels(correct, valid)  # L*: from the current heads
+    clp_valid = mask & valid[..., 0]
+    clp_logits = heads.clp(h)
+    clp_ce = losses.masked_mean(losses.cross_entropy(clp_logits, labels), clp_valid)
+    total = total + tc.clp_weight * clp_ce
+    metrics["clp_loss"] = clp_ce
+    metrics["clp_acc"] = losses.masked_mean((jnp.argmax(clp_logits, -1) == labels).astype(jnp.float32), clp_valid)
+    if heads.gate is not None:
+        g_targets, g_valid = losses.shifted_targets(tokens, mask, k, offset=0)
+        g_states = heads.gate_heads(h)
+        gate_logits = heads.gate(h)  # [B, T, k]
+        for j in range(k):
+            logits = backbone.logits(g_states[:, :, j])
+            ce = losses.masked_mean(losses.cross_entropy(logits, g_targets[..., j]), g_valid[..., j])
+            hit = jax.lax.stop_gradient((jnp.argmax(logits, -1) == g_targets[..., j]).astype(jnp.float32))
+            bce = losses.masked_mean(optax.sigmoid_binary_cross_entropy(gate_logits[..., j], hit), g_valid[..., j])
+            total = total + tc.gate_weight * (weights[j] * ce + bce)
+            metrics[f"gate_head{j + 1}_acc"] = losses.masked_mean(hit, g_valid[..., j])
+    metrics["loss"] = total
+    return total, metrics
+
+
+class Trainer:
+    """Holds the optimiser state and the compiled step; shards everything over `mesh` if given."""
+
+    def __init__(self, backbone: Qwen2, heads: Heads, tc: TrainConfig, mesh: Mesh | None = None):
+        self.tc, self.mesh = tc, mesh
+        self.optimizer = make_optimizer(tc)
+        self._bb_def, bb_state = nnx.split(backbone)
+        self._heads_def, params, rest = nnx.split(heads, nnx.Param, ...)
+        self._rest = rest
+        if mesh is not None:
+            sharding.check_divisible(params, mesh)
+            sharding.check_divisible(bb_state, mesh)
+            self._param_sh = sharding.state_shardings(params, mesh)
+            bb_sh = sharding.state_shardings(bb_state, mesh)
+            params = jax.device_put(params, self._param_sh)
+            bb_state = jax.device_put(bb_state, bb_sh)
+        self.params, self.bb_state = params, bb_state
+        self.opt_state = jax.jit(self.optimizer.init)(params)  # moments follow the parameters' shardings
+        if mesh is not None:  # scalars (step counts) come back on one device: replicate them
+            replicated = NamedSharding(mesh, P())
+            self.opt_state = jax.tree.map(
+                lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                self.opt_state)
+        self.step_count = 0
+        self._step = self._compile_step()
+        self._eval = None
+
+    def _compile_step(self):
+        def step_fn(params, opt_state, bb_state, batch, step):
+            backbone = nnx.merge(self._bb_def, bb_state)
+
+            def loss_fn(p):
+                heads = nnx.merge(self._heads_def, p, self._rest)
+                return loss_and_metrics(heads, backbone, batch, step, self.tc)
+
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            bad = ~jnp.isfinite(metrics["loss"])
+            metrics["nonfinite"] = bad
+            return params, opt_state, metrics
+
+        if self.mesh is None:
+            return jax.jit(step_fn)
+        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+        replicated = NamedSharding(self.mesh, P())
+        batch_sh = {name: sharding.batch_sharding(self.mesh, nd)
+                    for name, nd in (("hidden", 3), ("tokens", 2), ("mask", 2))}
+        return jax.jit(
+            step_fn,
+            in_shardings=(self._param_sh, shardings(self.opt_state), shardings(self.bb_state), batch_sh,
+                          replicated),
+            out_shardings=(self._param_sh, shardings(self.opt_state), replicated))
+
+    def step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimisation step; a non-finite loss raises and leaves the parameters untouched."""
+        if self.mesh is not None:
+            batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, jnp.ndim(v))) for k, v in batch.items()}
+        # not donated: the heads are small, and a rejected step must leave the old state intact
+        params, opt_state, metrics = self._step(self.params, self.opt_state, self.bb_state, batch,
+                                                jnp.asarray(self.step_count, jnp.int32))
+        metrics = jax.device_get(metrics)
+        if metrics.pop("nonfinite"):
+            raise FloatingPointError(f"Non-finite loss at step {self.step_count}; parameters left as they were. "
+                                     "Lower the learning rate or check the data.")
+        self.params, self.opt_state = params, opt_state
+        self.step_count += 1
+        return {k: float(v) for k, v in metrics.items()}
+
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Metrics of the current heads on a held-out batch (no update)."""
+        if self._eval is None:
+            def eval_fn(params, bb_state, batch, step):
+                heads = nnx.merge(self._heads_def, params, self._rest)
+                return loss_and_metrics(heads, nnx.merge(self._bb_def, bb_state), batch, step, self.tc)[1]
+            self._eval = jax.jit(eval_fn)
+        if self.mesh is not None:
+            batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, jnp.ndim(v))) for k, v in batch.items()}
+        metrics = self._eval(self.params, self.bb_state, batch, jnp.asarray(self.step_count, jnp.int32))
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def heads(self) -> Heads:
+        return nnx.merge(self._heads_def, self.params, self._rest)
