@@ -119,3 +119,53 @@ def build_heads(source: str | None, backbone_cfg: ModelConfig, k: int | None = N
         return Heads(HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size,
                                  k=k or 4), rngs=nnx.Rngs(0))
     return load_heads(source, backbone_cfg)
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager over the training state (heads parameters and optimiser state).
+
+    Saves every `every` steps and at the end, keeps the last `keep`; `restore` returns the latest
+    step and state, or None. A step is written only after it succeeded (non-finite losses raise
+    before any save), so a broken state never overwrites a good checkpoint.
+    """
+
+    def __init__(self, directory: str, every: int, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                                                 create=True))
+
+    def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> bool:
+        import orbax.checkpoint as ocp
+
+        if step in self.manager.all_steps():  # e.g. the final save right after an interval save
+            return False
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+            meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.wait_until_finished()
+        return saved
+
+    def restore(self, params, opt_state):
+        """(step, params, opt_state, meta) of the latest checkpoint, restored onto the given
+        arrays' shardings, or None when there is none."""
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return step, out.state["params"], out.state["opt_state"], out.meta
+
+    def close(self):
+        self.manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,57 @@
+"""The training loop: interrupted and resumed runs equal an uninterrupted one."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from clp_jax.checkpoint import CheckpointError, TrainCheckpoints
+from clp_jax.heads import Heads, HeadsConfig
+from clp_jax.train_lib import TrainConfig, Trainer
+from clp_jax.train_loop import cached_hidden_fn, evaluate, fit, run_meta
+
+from helpers import scaled_random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def setting():
+    model = scaled_random_model(tiny_config(), seed=6, logit_scale=2.0)
+    rng = np.random.RandomState(0)
+    source = [{"tokens": rng.randint(0, 128, 16).astype(np.int32), "mask": np.ones(16, bool)} for _ in range(12)]
+    return model, source, cached_hidden_fn(model, source, progress=False)
+
+
+def _trainer(model, k=2):
+    heads = Heads(HeadsConfig(hidden_size=64, vocab_size=128, k=k), rngs=nnx.Rngs(0))
+    return Trainer(model, heads, TrainConfig(learning_rate=1e-2, warmup_steps=2)), heads
+
+
+def test_resume_equals_uninterrupted(setting, tmp_path):
+    model, source, hidden = setting
+    kw = dict(batch_size=4, seed=1, hidden_fn=hidden, progress=False)
+    full, heads = _trainer(model)
+    meta = run_meta(heads.cfg, model.cfg)
+    ref = fit(full, source, steps=10, **kw)
+    first, _ = _trainer(model)
+    with TrainCheckpoints(str(tmp_path), every=5, keep=2) as ckpts:
+        fit(first, source, steps=5, ckpts=ckpts, meta=meta, **kw)
+    resumed, _ = _trainer(model)  # a fresh process would start here
+    with TrainCheckpoints(str(tmp_path), every=5, keep=2) as ckpts:
+        rest = fit(resumed, source, steps=10, ckpts=ckpts, meta=meta, **kw)
+    assert [m["step"] for m in rest] == list(range(6, 11))
+    np.testing.assert_allclose([m["loss"] for m in rest], [m["loss"] for m in ref[5:]], rtol=1e-6)
+    import jax
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    held = evaluate(resumed, source, batch_size=4, hidden_fn=hidden)
+    assert 0.0 <= held["head1_acc"] <= 1.0 and "clp_acc" in held
+
+
+def test_resume_refuses_other_heads(setting, tmp_path):
+    model, source, hidden = setting
+    kw = dict(batch_size=4, seed=1, hidden_fn=hidden, progress=False)
+    trainer, heads = _trainer(model)
+    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts:
+        fit(trainer, source, steps=2, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg), **kw)
+    other, other_heads = _trainer(model, k=3)
+    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, pytest.raises((CheckpointError, ValueError)):
+        fit(other, source, steps=4, ckpts=ckpts, meta=run_meta(other_heads.cfg, model.cfg), **kw)
