@@ -73,12 +73,14 @@ class Qwen2(nnx.Module):
         hidden = self.final_norm(x)
         return hidden, (None if cache is None else tuple(new_cache))
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """Output projection [..., D] -> [..., V], in fp32."""
-        if self.cfg.tie_word_embeddings:
-            out = self.embed.attend(hidden)
+    def logits(self, hidden: jax.Array, vocab: jax.Array | None = None) -> jax.Array:
+        """Output projection [..., D] -> [..., V] in fp32; with `vocab` [U] only those columns [..., U]."""
+        if vocab is None:
+            out = self.embed.attend(hidden) if self.cfg.tie_word_embeddings else self.lm_head(hidden)
         else:
-            out = self.lm_head(hidden)
+            kernel = (self.embed.embedding[...][vocab].T if self.cfg.tie_word_embeddings
+                      else self.lm_head.kernel[...][:, vocab])  # [D, U]
+            out = jnp.einsum("...D,DU->...U", hidden.astype(kernel.dtype), kernel)
         return out.astype(jnp.float32)
 
 

@@ -47,40 +47,67 @@ def backbone_hidden(model: Qwen2, tokens: jax.Array, mask: jax.Array) -> jax.Arr
     return jax.lax.stop_gradient(hidden)
 
 
-def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array, tc: TrainConfig):
-    """Total loss and metrics of one batch (see clp_jax.losses for the alignment)."""
+def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array, tc: TrainConfig,
+                     vocab: jax.Array | None = None):
+    """Total loss and metrics of one batch (see clp_jax.losses for the alignment).
+
+    Optional batch["positions"] [B, P] selects the positions scored (the output projection over the
+    vocabulary dominates the cost); optional `vocab` [U] restricts scoring to those token ids
+    (vocabulary compression as in FastMTP; targets outside it are not scored).
+    """
     h, tokens, mask = batch["hidden"], batch["tokens"], batch["mask"].astype(bool)
     k = heads.cfg.k
     metrics = {}
-    targets, valid = losses.shifted_targets(tokens, mask, k, offset=1)
-    t1_embed = None
-    if heads.cfg.conditioned:  # the backbone's own next token s[t+1]
-        t1_embed = backbone.embed(jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1))
-    states = heads.mtp(h, t1_embed)  # [B, T, k, D]
+
+    def select(targets, valid):
+        if vocab is not None:  # map token ids to columns of the sub-vocabulary (-1: absent)
+            column = jnp.full((backbone.cfg.vocab_size,), -1, jnp.int32).at[vocab].set(jnp.arange(vocab.size))
+            targets = column[targets]
+            valid = valid & (targets >= 0)
+            targets = jnp.maximum(targets, 0)
+        if "positions" in batch:
+            pos = batch["positions"]
+            targets = jnp.take_along_axis(targets, pos[..., None], 1)
+            valid = jnp.take_along_axis(valid, pos[..., None], 1)
+        return targets, valid
+
+    targets, valid = select(*losses.shifted_targets(tokens, mask, k, offset=1))
+    next_tokens = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # the backbone's s[t+1]
+    source_ok = mask
+    if "positions" in batch:
+        pos = batch["positions"]
+        h = jnp.take_along_axis(h, pos[..., None], 1)
+        next_tokens = jnp.take_along_axis(next_tokens, pos, 1)
+        source_ok = jnp.take_along_axis(mask, pos, 1)
+    t1_embed = backbone.embed(next_tokens) if heads.cfg.conditioned else None
+    states = heads.mtp(h, t1_embed)  # [B, P, k, D]
     weights = losses.head_weights(k, tc.head_decay, tc.deep_heads_warmup, step)
     total, correct = 0.0, []
-    for j in range(k):  # one head at a time: [B, T, V] logits, not [B, T, k, V]
-        logits = backbone.logits(states[:, :, j])
+    for j in range(k):  # one head at a time: [B, P, V] logits, not [B, P, k, V]
+        logits = backbone.logits(states[:, :, j], vocab)
         ce = losses.masked_mean(losses.cross_entropy(logits, targets[..., j]), valid[..., j])
         hit = jnp.argmax(logits, -1) == targets[..., j]
         correct.append(hit)
         total = total + weights[j] * ce
         metrics[f"head{j + 1}_loss"] = ce
         metrics[f"head{j + 1}_acc"] = losses.masked_mean(hit.astype(jnp.float32), valid[..., j])
-    correct = jax.lax.stop_gradient(jnp.stack(correct, -1))  # [B, T, k]
+    correct = jax.lax.stop_gradient(jnp.stack(correct, -1))  # [B, P, k]
     labels = losses.clp_labels(correct, valid)  # L*: from the current heads
-    clp_valid = mask & valid[..., 0]
+    clp_valid = source_ok & valid[..., 0]
     clp_logits = heads.clp(h)
     clp_ce = losses.masked_mean(losses.cross_entropy(clp_logits, labels), clp_valid)
     total = total + tc.clp_weight * clp_ce
     metrics["clp_loss"] = clp_ce
-    metrics["clp_acc"] = losses.masked_mean((jnp.argmax(clp_logits, -1) == labels).astype(jnp.float32), clp_valid)
+    clp_pred = jnp.argmax(clp_logits, -1)
+    metrics["clp_acc"] = losses.masked_mean((clp_pred == labels).astype(jnp.float32), clp_valid)
+    for c in range(k + 1):  # label distribution (CLP accuracy means little without it)
+        metrics[f"clp_label{c}_frac"] = losses.masked_mean((labels == c).astype(jnp.float32), clp_valid)
     if heads.gate is not None:
-        g_targets, g_valid = losses.shifted_targets(tokens, mask, k, offset=0)
+        g_targets, g_valid = select(*losses.shifted_targets(tokens, mask, k, offset=0))
         g_states = heads.gate_heads(h)
-        gate_logits = heads.gate(h)  # [B, T, k]
+        gate_logits = heads.gate(h)  # [B, P, k]
         for j in range(k):
-            logits = backbone.logits(g_states[:, :, j])
+            logits = backbone.logits(g_states[:, :, j], vocab)
             ce = losses.masked_mean(losses.cross_entropy(logits, g_targets[..., j]), g_valid[..., j])
             hit = jax.lax.stop_gradient((jnp.argmax(logits, -1) == g_targets[..., j]).astype(jnp.float32))
             bce = losses.masked_mean(optax.sigmoid_binary_cross_entropy(gate_logits[..., j], hit), g_valid[..., j])
@@ -93,8 +120,10 @@ def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array
 class Trainer:
     """Holds the optimiser state and the compiled step; shards everything over `mesh` if given."""
 
-    def __init__(self, backbone: Qwen2, heads: Heads, tc: TrainConfig, mesh: Mesh | None = None):
+    def __init__(self, backbone: Qwen2, heads: Heads, tc: TrainConfig, mesh: Mesh | None = None,
+                 vocab=None):
         self.tc, self.mesh = tc, mesh
+        self.vocab = None if vocab is None else jnp.asarray(vocab, jnp.int32)  # scored token ids [U]
         self.optimizer = make_optimizer(tc)
         self._bb_def, bb_state = nnx.split(backbone)
         self._heads_def, params, rest = nnx.split(heads, nnx.Param, ...)
@@ -115,7 +144,7 @@ class Trainer:
                 self.opt_state)
         self.step_count = 0
         self._step = self._compile_step()
-        self._eval = None
+        self._eval = {}
 
     def _compile_step(self):
         def step_fn(params, opt_state, bb_state, batch, step):
@@ -123,7 +152,7 @@ class Trainer:
 
             def loss_fn(p):
                 heads = nnx.merge(self._heads_def, p, self._rest)
-                return loss_and_metrics(heads, backbone, batch, step, self.tc)
+                return loss_and_metrics(heads, backbone, batch, step, self.tc, self.vocab)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
@@ -137,17 +166,25 @@ class Trainer:
         shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
         replicated = NamedSharding(self.mesh, P())
         batch_sh = {name: sharding.batch_sharding(self.mesh, nd)
-                    for name, nd in (("hidden", 3), ("tokens", 2), ("mask", 2))}
+                    for name, nd in (("hidden", 3), ("tokens", 2), ("mask", 2), ("positions", 2))}
         return jax.jit(
             step_fn,
             in_shardings=(self._param_sh, shardings(self.opt_state), shardings(self.bb_state), batch_sh,
                           replicated),
             out_shardings=(self._param_sh, shardings(self.opt_state), replicated))
 
-    def step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One optimisation step; a non-finite loss raises and leaves the parameters untouched."""
+    def _place(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Adds default positions (all of them) and shards the batch over `data`."""
+        if "positions" not in batch:
+            B, T = batch["tokens"].shape
+            batch = {**batch, "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
         if self.mesh is not None:
             batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, jnp.ndim(v))) for k, v in batch.items()}
+        return batch
+
+    def step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimisation step; a non-finite loss raises and leaves the parameters untouched."""
+        batch = self._place(batch)
         # not donated: the heads are small, and a rejected step must leave the old state intact
         params, opt_state, metrics = self._step(self.params, self.opt_state, self.bb_state, batch,
                                                 jnp.asarray(self.step_count, jnp.int32))
@@ -159,16 +196,17 @@ class Trainer:
         self.step_count += 1
         return {k: float(v) for k, v in metrics.items()}
 
-    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Metrics of the current heads on a held-out batch (no update)."""
-        if self._eval is None:
+    def evaluate(self, batch: dict[str, Any], full_vocab: bool = False) -> dict[str, float]:
+        """Metrics of the current heads on a held-out batch (no update); full_vocab scores every token
+        (what decoding sees) even when training uses a sub-vocabulary."""
+        vocab = None if full_vocab else self.vocab
+        if full_vocab not in self._eval:
             def eval_fn(params, bb_state, batch, step):
                 heads = nnx.merge(self._heads_def, params, self._rest)
-                return loss_and_metrics(heads, nnx.merge(self._bb_def, bb_state), batch, step, self.tc)[1]
-            self._eval = jax.jit(eval_fn)
-        if self.mesh is not None:
-            batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, jnp.ndim(v))) for k, v in batch.items()}
-        metrics = self._eval(self.params, self.bb_state, batch, jnp.asarray(self.step_count, jnp.int32))
+                return loss_and_metrics(heads, nnx.merge(self._bb_def, bb_state), batch, step, self.tc, vocab)[1]
+            self._eval[full_vocab] = jax.jit(eval_fn)
+        batch = self._place(batch)
+        metrics = self._eval[full_vocab](self.params, self.bb_state, batch, jnp.asarray(self.step_count, jnp.int32))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def heads(self) -> Heads:

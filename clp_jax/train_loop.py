@@ -19,7 +19,8 @@ from clp_jax.train_lib import Trainer
 
 def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
         hidden_fn: Callable[[np.ndarray, dict], jax.Array], ckpts: TrainCheckpoints | None = None,
-        meta: dict | None = None, log_path: str | None = None, progress: bool = True) -> list[dict]:
+        meta: dict | None = None, log_path: str | None = None, progress: bool = True,
+        positions_per_row: int | None = None) -> list[dict]:
     """Trains up to global step `steps`, resuming from the latest checkpoint in `ckpts`.
 
     The batch of step s is a function of s alone (data.batch_indices), so a resumed run reads exactly
@@ -47,6 +48,8 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
             idx = data_lib.batch_indices(len(source), trainer.step_count, batch_size, seed)
             batch = data_lib.get_batch(source, idx)
             batch["hidden"] = hidden_fn(idx, batch)
+            if positions_per_row:
+                batch["positions"] = sample_positions(batch["mask"], positions_per_row, seed, trainer.step_count)
             t0 = time.perf_counter()
             metrics = trainer.step(batch)
             metrics.update(step=trainer.step_count, seconds=time.perf_counter() - t0,
@@ -73,14 +76,26 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
     return history
 
 
-def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn) -> dict:
+def sample_positions(mask: np.ndarray, n: int, seed: int, step: int) -> np.ndarray:
+    """n scored positions per row [B, n], drawn among the row's masked positions (a function of the
+    step, like the batch itself)."""
+    rng = np.random.RandomState([seed, step, 7])
+    out = np.zeros((mask.shape[0], n), np.int32)
+    for b, row in enumerate(mask):
+        valid = np.flatnonzero(row)
+        if valid.size:
+            out[b] = rng.choice(valid, n, replace=valid.size < n)
+    return out
+
+
+def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn, full_vocab: bool = True) -> dict:
     """Token-weighted held-out metrics over a whole split: per-head agreement, CLP accuracy, losses."""
     totals, weight = {}, 0
     for start in range(0, len(source), batch_size):
         idx = np.arange(start, min(start + batch_size, len(source)))
         batch = data_lib.get_batch(source, idx)
         batch["hidden"] = hidden_fn(idx, batch)
-        m = trainer.evaluate(batch)
+        m = trainer.evaluate(batch, full_vocab=full_vocab)
         n = int(batch["mask"].sum())
         weight += n
         for key, value in m.items():
@@ -110,3 +125,128 @@ def run_meta(heads_cfg, backbone_cfg) -> dict:
 def ensure_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+# ---------------------------------------------------------------------------- end-to-end run
+
+SECTIONS = ("model", "heads", "data", "train", "mesh", "run")
+RUN_DEFAULTS = dict(out_dir="runs/demo", steps=200, batch_size=8, positions_per_row=16, vocab="corpus",
+                    seed=0, save_every=50, keep=3, gen_batch_size=8, eval_batch_size=8)
+
+
+def load_config(path: str, overrides: list[str] = ()) -> dict:
+    """A TOML run config plus `section.key=value` overrides (values parsed as TOML, else strings)."""
+    import tomllib
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config {path!r} does not exist.")
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name or section not in SECTIONS:
+            raise ValueError(f"Override {item!r} must look like section.key=value with section in {SECTIONS}.")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        cfg.setdefault(section, {})[name] = parsed
+    unknown = set(cfg) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"Unknown config sections {sorted(unknown)}; expected {SECTIONS}.")
+    bad = set(cfg.get("run", {})) - set(RUN_DEFAULTS)
+    if bad:
+        raise ValueError(f"Unknown [run] keys {sorted(bad)}; expected {sorted(RUN_DEFAULTS)}.")
+    return cfg
+
+
+def run(cfg: dict, progress: bool = True) -> dict:
+    """Loads the backbone, builds the data, trains, evaluates and saves heads; returns the evaluation."""
+    from flax import nnx
+
+    from clp_jax import checkpoint
+    from clp_jax.assets import cache_dir
+    from clp_jax.decoding import DecodeConfig, Decoder
+    from clp_jax.heads import Heads, HeadsConfig, param_summary
+    from clp_jax.loading import load_backbone
+    from clp_jax.sharding import MeshConfig
+    from clp_jax.train_lib import TrainConfig
+
+    rc = {**RUN_DEFAULTS, **cfg.get("run", {})}
+    tc = TrainConfig(**cfg.get("train", {}))
+    dc = data_lib.DataConfig(**{k: tuple(v) if k == "sources" else v for k, v in cfg.get("data", {}).items()})
+    mesh = MeshConfig(**cfg.get("mesh", {})).make() if cfg.get("mesh") else None
+    model_cfg = cfg.get("model", {})
+    backbone = load_backbone(model_cfg.get("name", "demo"), dtype=model_cfg.get("dtype", "float32"),
+                             progress=progress)
+    hc = HeadsConfig(hidden_size=backbone.cfg.hidden_size, vocab_size=backbone.cfg.vocab_size,
+                     **cfg.get("heads", {}))
+    heads = Heads(hc, rngs=nnx.Rngs(rc["seed"]))
+    print(f"parameters: {param_summary(heads)}", file=sys.stderr)
+    out_dir = ensure_dir(rc["out_dir"])
+
+    def generate(prompts):
+        return generator.generate(prompts).tokens
+
+    generator = Decoder(backbone.model, None, DecodeConfig(mode="ar", max_new_tokens=dc.seq_len - dc.prompt_len),
+                        backbone.eos_token_ids)
+    pad = backbone.tokenizer.pad_token_id or 0
+    name = data_lib.dataset_name(dc, backbone.source)
+    ds = data_lib.build_dataset(dc, name, lambda: data_lib.records(dc, backbone.tokenizer, generate, pad,
+                                                                   batch=rc["gen_batch_size"], progress=progress),
+                                cache_dir("datasets"))
+    train_src, val_src = ds["train"], ds["validation"]
+    vocab = None
+    if rc["vocab"] == "corpus":  # score only tokens the corpus uses (+ specials), like FastMTP's compression
+        seen = set(backbone.eos_token_ids)
+        for i in range(len(train_src)):
+            seen.update(np.asarray(train_src[i]["tokens"]).tolist())
+        vocab = np.asarray(sorted(seen), np.int32)
+        print(f"scoring {vocab.size} of {backbone.cfg.vocab_size} tokens during training", file=sys.stderr)
+    trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
+    hidden_train = cached_hidden_fn(backbone.model, train_src, progress=progress)
+    hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress)
+    meta = run_meta(hc, backbone.cfg)
+    t0 = time.perf_counter()
+    with TrainCheckpoints(os.path.join(out_dir, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:
+        history = fit(trainer, train_src, steps=rc["steps"], batch_size=rc["batch_size"], seed=rc["seed"],
+                      hidden_fn=hidden_train, ckpts=ckpts, meta=meta, progress=progress,
+                      log_path=os.path.join(out_dir, "metrics.jsonl"), positions_per_row=rc["positions_per_row"])
+    seconds = time.perf_counter() - t0
+    result = evaluate(trainer, val_src, batch_size=rc["eval_batch_size"], hidden_fn=hidden_val)
+    result.update(train_seconds=seconds, steps_run=len(history),
+                  train_tokens_per_second=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
+                  records_train=len(train_src), records_validation=len(val_src))
+    checkpoint.save_heads(os.path.join(out_dir, "heads"), trainer.heads(), backbone.cfg, {"eval": result})
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
+    return result
+
+
+def plot_curves(metrics_path: str, png_path: str) -> None:
+    """Loss and per-head agreement against the step (skipped, with a note, without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no training-curve plot.", file=sys.stderr)
+        return
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(steps, [r["loss"] for r in rows])
+    a.set(xlabel="step", ylabel="loss", title="training loss")
+    for key in sorted(k for k in rows[0] if k.endswith("_acc")):
+        b.plot(steps, [r[key] for r in rows], label=key)
+    b.set(xlabel="step", ylabel="agreement", title="per-head agreement (train batches)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

@@ -55,3 +55,28 @@ def test_resume_refuses_other_heads(setting, tmp_path):
     other, other_heads = _trainer(model, k=3)
     with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, pytest.raises((CheckpointError, ValueError)):
         fit(other, source, steps=4, ckpts=ckpts, meta=run_meta(other_heads.cfg, model.cfg), **kw)
+
+
+def test_load_config_with_overrides(tmp_path):
+    from clp_jax.train_loop import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nlearning_rate = 1e-3\n[run]\nsteps = 5\n')
+    cfg = load_config(str(path), ["train.learning_rate=3e-4", "run.out_dir=runs/x", "heads.k=2"])
+    assert cfg["train"]["learning_rate"] == 3e-4 and cfg["run"]["out_dir"] == "runs/x" and cfg["heads"]["k"] == 2
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(str(path), ["nope=1"])
+    path.write_text('[run]\nstepz = 5\n')
+    with pytest.raises(ValueError, match="Unknown \\[run\\] keys"):
+        load_config(str(path))
+    with pytest.raises(FileNotFoundError):
+        load_config(str(tmp_path / "missing.toml"))
+
+
+def test_batches_are_a_function_of_the_step():
+    from clp_jax.data import batch_indices
+
+    n, bs = 10, 4
+    stream = np.concatenate([batch_indices(n, s, bs, seed=3) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    np.testing.assert_array_equal(batch_indices(n, 3, bs, seed=3), stream[12:16])

@@ -100,3 +100,18 @@ def test_nan_loss_raises_and_keeps_parameters(model):
         trainer.step({**batch, "hidden": batch["hidden"].at[0, 0, 0].set(jnp.nan)})
     for a, b in zip(before, _leaves(trainer.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sub_vocabulary_and_position_sampling_match_the_full_loss(model):
+    """Scoring all ids through `vocab`, or all positions through `positions`, gives the full loss."""
+    batch = _batch(model, np.random.RandomState(5))
+    full = Trainer(model, _heads(model.cfg, seed=1), TrainConfig()).evaluate(batch)
+    everything = Trainer(model, _heads(model.cfg, seed=1), TrainConfig(),
+                         vocab=np.arange(model.cfg.vocab_size)).evaluate(batch)
+    B, T = batch["tokens"].shape
+    positions = {**batch, "positions": jnp.broadcast_to(jnp.arange(T), (B, T))}
+    positioned = Trainer(model, _heads(model.cfg, seed=1), TrainConfig()).evaluate(positions)
+    for key in ("loss", "head1_loss", "clp_loss"):
+        assert abs(full[key] - everything[key]) < 1e-4 and abs(full[key] - positioned[key]) < 1e-4
+    sub = Trainer(model, _heads(model.cfg, seed=1), TrainConfig(), vocab=np.arange(64))
+    assert sub.evaluate(batch)["head1_loss"] < full["head1_loss"]  # fewer classes to spread mass over
