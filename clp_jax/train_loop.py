@@ -177,6 +177,9 @@ def run(cfg: dict, progress: bool = True) -> dict:
     tc = TrainConfig(**cfg.get("train", {}))
     dc = data_lib.DataConfig(**{k: tuple(v) if k == "sources" else v for k, v in cfg.get("data", {}).items()})
     mesh = MeshConfig(**cfg.get("mesh", {})).make() if cfg.get("mesh") else None
+    for key in ("batch_size", "eval_batch_size"):
+        if mesh is not None and rc[key] % mesh.shape["data"]:
+            raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
     model_cfg = cfg.get("model", {})
     backbone = load_backbone(model_cfg.get("name", "demo"), dtype=model_cfg.get("dtype", "float32"),
                              progress=progress)

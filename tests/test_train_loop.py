@@ -80,3 +80,17 @@ def test_batches_are_a_function_of_the_step():
     stream = np.concatenate([batch_indices(n, s, bs, seed=3) for s in range(5)])  # 20 = two epochs
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     np.testing.assert_array_equal(batch_indices(n, 3, bs, seed=3), stream[12:16])
+
+
+@pytest.mark.parametrize("name", ["demo", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
+def test_shipped_configs_parse(name):
+    from clp_jax.data import DataConfig
+    from clp_jax.sharding import MeshConfig
+    from clp_jax.train_lib import TrainConfig
+    from clp_jax.train_loop import load_config
+
+    cfg = load_config(f"configs/{name}.toml")
+    TrainConfig(**cfg["train"])
+    DataConfig(**{k: tuple(v) if k == "sources" else v for k, v in cfg["data"].items()})
+    mesh = MeshConfig(**cfg.get("mesh", {}))
+    assert cfg["run"]["batch_size"] % mesh.data == 0
