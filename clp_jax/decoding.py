@@ -21,6 +21,7 @@ and batch sizes are bucketed (powers of two), so a session compiles a handful of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Iterator, Sequence
 
@@ -46,6 +47,8 @@ class DecodeConfig:
     tau: float = 0.9  # confadapt threshold on the heads' top-1 probability
     gate_threshold: float = 0.5  # gate: accept while sigmoid(gate logit) >= this
     verify_drafts: str = "all"  # verify: feed all k drafts, or the CLP's predicted number ("clp")
+    adaptive_width: bool = False  # per step, feed only as many slots as the widest row needs
+    # (lax.switch over widths 1..k+1: k+1 times the compile time; pays where a wider pass costs more, e.g. CPU)
     max_cache_len: int = 4096  # upper bound on prompt + generated tokens + one chunk
 
     def __post_init__(self):
@@ -207,26 +210,31 @@ class _Advance:
         return commit, (1 + n_heads).astype(jnp.int32), j[None, :k] < n_heads[:, None]
 
     def _verify(self, model, st, hidden, chunk, i0, key):
-        """Checks the fed drafts; returns (commit [B, k+1], n_commit, h at the last commit, n accepted)."""
+        """Checks the fed drafts; returns (commit [B, k+1], n_commit, h at the last commit, n accepted).
+
+        Scores J = min(k+1, W) rows: a narrow chunk (adaptive width) carries fewer drafts.
+        """
         sc, k = self.dc.sampling, self.dc.k
         B, W = chunk.shape
+        J = min(k + 1, W)
         rows = jnp.arange(B)
-        j = jnp.arange(k + 1)
-        idx = jnp.clip(i0[:, None] + j, 0, W - 1)  # [B, k+1]
-        h_sel = _take_rows(hidden, idx)  # [B, k+1, D]
-        logits = model.logits(h_sel)  # [B, k+1, V]
-        drafts = _take_rows(chunk, jnp.clip(idx[:, :k] + 1, 0, W - 1))  # [B, k] d_j sits at i0 + j
-        valid = j[None, :k] < st.n_draft[:, None]
+        j = jnp.arange(J)
+        idx = jnp.clip(i0[:, None] + j, 0, W - 1)  # [B, J]
+        h_sel = _take_rows(hidden, idx)  # [B, J, D]
+        logits = model.logits(h_sel)  # [B, J, V]
+        drafts = _take_rows(chunk, jnp.clip(idx[:, :J - 1] + 1, 0, W - 1))  # [B, J-1] d_j sits at i0 + j
+        valid = j[None, :J - 1] < st.n_draft[:, None]
         if sc.greedy:
-            target = jnp.argmax(logits, -1).astype(jnp.int32)  # [B, k+1]
-            n_acc = _prefix_len((drafts == target[:, :k]) & valid)
+            target = jnp.argmax(logits, -1).astype(jnp.int32)  # [B, J]
+            n_acc = _prefix_len((drafts == target[:, :J - 1]) & valid)
             bonus = target[rows, n_acc]
         else:
             key_u, key_x = jax.random.split(key)
-            p = sampling.probs(logits, sc)  # [B, k+1, V]
-            p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], -1)[..., 0]  # [B, k]
-            q_d = jnp.take_along_axis(st.draft_q, drafts[..., None], -1)[..., 0]
-            u = jax.random.uniform(key_u, (B, k))
+            p = sampling.probs(logits, sc)  # [B, J, V]
+            q = st.draft_q[:, :J - 1]
+            p_d = jnp.take_along_axis(p[:, :J - 1], drafts[..., None], -1)[..., 0]  # [B, J-1]
+            q_d = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
+            u = jax.random.uniform(key_u, (B, J - 1))
             n_acc = _prefix_len((u * q_d < p_d) & valid)  # accept with probability min(1, p/q)
             p_a = p[rows, n_acc]  # [B, V]
             q_a = st.draft_q[rows, jnp.minimum(n_acc, k - 1)]
@@ -234,8 +242,8 @@ class _Advance:
             rejected = (n_acc < st.n_draft) & (jnp.sum(residual, -1) > 0)
             dist = jnp.where(rejected[:, None], residual / jnp.sum(residual, -1, keepdims=True), p_a)
             bonus = sampling.sample(key_x, dist)
-        padded = jnp.pad(drafts, ((0, 0), (0, 1)))
-        commit = jnp.where(j[None, :] < n_acc[:, None], padded, bonus[:, None])
+        padded = jnp.pad(drafts, ((0, 0), (0, k + 2 - J)))  # [B, k+1]
+        commit = jnp.where(jnp.arange(k + 1)[None, :] < n_acc[:, None], padded, bonus[:, None])
         h_next = h_sel[rows, n_acc]
         return commit, n_acc + 1, h_next, n_acc
 
@@ -331,12 +339,20 @@ class Decoder:
         def cond(s):
             return (s.steps < stop_at) & ~jnp.all(s.done)
 
-        def body(s):
-            positions = s.fed[:, None] + jnp.arange(W, dtype=jnp.int32)  # [B, W]
+        def feed(s, w):
+            positions = s.fed[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B, w]
             chunk = jnp.take_along_axis(s.buf, jnp.clip(positions, 0, S - 1), axis=1)
             hidden, cache = model(chunk, positions, s.cache)
             s = s.replace(cache=cache)
-            s = self._advance(model, heads, s, hidden, chunk, s.length - s.fed - 1)
+            return self._advance(model, heads, s, hidden, chunk, s.length - s.fed - 1)
+
+        def body(s):
+            if self.dc.adaptive_width and W > 1:
+                count = jnp.where(s.done, 1, s.length - s.fed + s.n_draft)  # slots each row needs
+                branch = jnp.clip(jnp.max(count), 1, W) - 1
+                s = jax.lax.switch(branch, [functools.partial(feed, w=w) for w in range(1, W + 1)], s)
+            else:
+                s = feed(s, W)
             return s.replace(steps=s.steps + 1)
 
         return jax.lax.while_loop(cond, body, st)

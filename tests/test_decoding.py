@@ -58,9 +58,10 @@ def _oracle(model, prompts, ar_tokens, k, length=None):
     return OracleHeads(model.cfg, k, table, length)
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", ["zero", "random", "oracle"])
-def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch):
+def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch, adaptive):
     k = 3
     heads = {"zero": lambda: zero_heads(model.cfg, k), "random": lambda: random_heads(model.cfg, k),
              "oracle": lambda: _oracle(model, prompts, ar_tokens, k)}[kind]()
@@ -68,7 +69,8 @@ def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch):
         heads = _oracle(model, prompts[1:2], ar_tokens[1:2], k)
     rows = prompts if batch == 3 else prompts[1:2]
     want = ar_tokens if batch == 3 else ar_tokens[1:2]
-    out = Decoder(model, heads, DecodeConfig(mode="verify", k=k, max_new_tokens=NEW)).generate(rows)
+    dc = DecodeConfig(mode="verify", k=k, max_new_tokens=NEW, adaptive_width=adaptive)
+    out = Decoder(model, heads, dc).generate(rows)
     assert out.tokens == want
     if kind == "oracle":
         assert out.tokens_per_pass > 3.0  # k+1 = 4 per pass but for the prefill and the budget's tail
@@ -76,15 +78,27 @@ def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch):
         assert np.all(out.offered.sum(0) - out.accepted.sum(0) <= len(rows))
 
 
-def test_clp_with_length_zero_equals_ar(model, prompts, ar_tokens):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_clp_with_length_zero_equals_ar(model, prompts, ar_tokens, adaptive):
     heads = forced_length_heads(model.cfg, 3, length=0)
-    out = Decoder(model, heads, DecodeConfig(mode="clp", k=3, max_new_tokens=NEW)).generate(prompts)
+    dc = DecodeConfig(mode="clp", k=3, max_new_tokens=NEW, adaptive_width=adaptive)
+    out = Decoder(model, heads, dc).generate(prompts)
     assert out.tokens == ar_tokens and out.tokens_per_pass == 1.0
 
 
-def test_clp_with_oracle_equals_ar_in_fewer_passes(model, prompts, ar_tokens):
+def test_adaptive_verify_with_clp_chosen_drafts(model, prompts, ar_tokens):
+    """verify feeding only the CLP's number of drafts (here 1) through a narrower chunk stays lossless."""
+    heads = forced_length_heads(model.cfg, 3, length=1)
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW, verify_drafts="clp", adaptive_width=True)
+    out = Decoder(model, heads, dc).generate(prompts)
+    assert out.tokens == ar_tokens and out.offered[:, 1:].sum() == 0
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_clp_with_oracle_equals_ar_in_fewer_passes(model, prompts, ar_tokens, adaptive):
     heads = _oracle(model, prompts, ar_tokens, 3)
-    out = Decoder(model, heads, DecodeConfig(mode="clp", k=3, max_new_tokens=NEW)).generate(prompts)
+    dc = DecodeConfig(mode="clp", k=3, max_new_tokens=NEW, adaptive_width=adaptive)
+    out = Decoder(model, heads, dc).generate(prompts)
     assert out.tokens == ar_tokens
     assert out.passes.max() <= -(-NEW // 4) and out.tokens_per_pass > 3.5
 

@@ -59,8 +59,8 @@ def setting():
     return model, heads, sc, prompt, _exact_distribution(model, prompt, sc, 3)
 
 
-def _samples(model, heads, mode, sc, prompt, seed=0):
-    dc = DecodeConfig(mode=mode, k=2, max_new_tokens=3, sampling=sc)
+def _samples(model, heads, mode, sc, prompt, seed=0, adaptive=False):
+    dc = DecodeConfig(mode=mode, k=2, max_new_tokens=3, sampling=sc, adaptive_width=adaptive)
     out = Decoder(model, heads, dc).generate([prompt] * N, seed=seed)
     return [tuple(t) for t in out.tokens], out
 
@@ -70,11 +70,13 @@ def test_verify_sampling_matches_ar_distribution(setting):
     model, heads, sc, prompt, exact = setting
     ar, _ = _samples(model, None, "ar", sc, prompt)
     verify, out = _samples(model, heads, "verify", sc, prompt)
+    narrow, _ = _samples(model, heads, "verify", sc, prompt, adaptive=True)
     assert 0.1 < out.head_acceptance[0] < 0.9  # both accept and reject paths are exercised
     tv_ar, tv_verify = _tv(ar, exact), _tv(verify, exact)
     # An exact sampler's TV to the truth is sampling noise alone: ar measures it.
     assert tv_ar < 0.1
     assert tv_verify < 1.5 * tv_ar
+    assert _tv(narrow, exact) < 1.5 * tv_ar
     # the control: the same drafts accepted without verification have another distribution
     blind = random_heads(model.cfg, 2, seed=2, scale=0.1)
     blind.clp.linear.bias[...] = jnp.zeros((3,)).at[2].set(100.0)
