@@ -131,7 +131,7 @@ def ensure_dir(path: str) -> str:
 
 SECTIONS = ("model", "heads", "data", "train", "mesh", "run")
 RUN_DEFAULTS = dict(out_dir="runs/demo", steps=200, batch_size=8, positions_per_row=16, vocab="corpus",
-                    seed=0, save_every=50, keep=3, gen_batch_size=8, eval_batch_size=8)
+                    vocab_size=16384, seed=0, save_every=50, keep=3, gen_batch_size=8, eval_batch_size=8)
 
 
 def load_config(path: str, overrides: list[str] = ()) -> dict:
@@ -201,12 +201,11 @@ def run(cfg: dict, progress: bool = True) -> dict:
                                 cache_dir("datasets"))
     train_src, val_src = ds["train"], ds["validation"]
     vocab = None
-    if rc["vocab"] == "corpus":  # score only tokens the corpus uses (+ specials), like FastMTP's compression
-        seen = set(backbone.eos_token_ids)
-        for i in range(len(train_src)):
-            seen.update(np.asarray(train_src[i]["tokens"]).tolist())
-        vocab = np.asarray(sorted(seen), np.int32)
+    if rc["vocab"] == "corpus":
+        vocab = corpus_vocabulary(dc, backbone, train_src, rc["vocab_size"])
         print(f"scoring {vocab.size} of {backbone.cfg.vocab_size} tokens during training", file=sys.stderr)
+    elif rc["vocab"] != "full":
+        raise ValueError(f"run.vocab must be 'corpus' or 'full', got {rc['vocab']!r}.")
     trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
     hidden_train = cached_hidden_fn(backbone.model, train_src, progress=progress)
     hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress)
@@ -226,6 +225,19 @@ def run(cfg: dict, progress: bool = True) -> dict:
         json.dump(result, f, indent=1)
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
     return result
+
+
+def corpus_vocabulary(dc, backbone, train_src, size: int) -> np.ndarray:
+    """Token ids scored in training: the `size` most frequent in the corpus files, every token of the
+    training rows, and the end-of-turn tokens (FastMTP-style vocabulary compression)."""
+    from collections import Counter
+
+    counts = Counter(data_lib.token_stream(backbone.tokenizer, data_lib.source_files(dc.sources, dc.max_files,
+                                                                                    dc.seed)))
+    ids = {t for t, _ in counts.most_common(size)} | set(backbone.eos_token_ids)
+    for i in range(len(train_src)):
+        ids.update(np.asarray(train_src[i]["tokens"]).tolist())
+    return np.asarray(sorted(ids), np.int32)
 
 
 def plot_curves(metrics_path: str, png_path: str) -> None:
