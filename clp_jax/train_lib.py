@@ -102,6 +102,9 @@ def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array
     metrics["clp_acc"] = losses.masked_mean((clp_pred == labels).astype(jnp.float32), clp_valid)
     for c in range(k + 1):  # label distribution (CLP accuracy means little without it)
         metrics[f"clp_label{c}_frac"] = losses.masked_mean((labels == c).astype(jnp.float32), clp_valid)
+    # confusion counts [true L*, predicted L] over scored positions
+    pair = jnp.where(clp_valid, labels * (k + 1) + clp_pred, (k + 1) ** 2)
+    metrics["clp_confusion"] = jnp.bincount(pair.reshape(-1), length=(k + 1) ** 2 + 1)[:-1].reshape(k + 1, k + 1)
     if heads.gate is not None:
         g_targets, g_valid = select(*losses.shifted_targets(tokens, mask, k, offset=0))
         g_states = heads.gate_heads(h)
@@ -189,6 +192,7 @@ class Trainer:
         params, opt_state, metrics = self._step(self.params, self.opt_state, self.bb_state, batch,
                                                 jnp.asarray(self.step_count, jnp.int32))
         metrics = jax.device_get(metrics)
+        metrics.pop("clp_confusion")  # per-step logs keep scalars; evaluation sums the confusion
         if metrics.pop("nonfinite"):
             raise FloatingPointError(f"Non-finite loss at step {self.step_count}; parameters left as they were. "
                                      "Lower the learning rate or check the data.")
@@ -206,8 +210,9 @@ class Trainer:
                 return loss_and_metrics(heads, nnx.merge(self._bb_def, bb_state), batch, step, self.tc, vocab)[1]
             self._eval[full_vocab] = jax.jit(eval_fn)
         batch = self._place(batch)
-        metrics = self._eval[full_vocab](self.params, self.bb_state, batch, jnp.asarray(self.step_count, jnp.int32))
-        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = jax.device_get(self._eval[full_vocab](self.params, self.bb_state, batch,
+                                                        jnp.asarray(self.step_count, jnp.int32)))
+        return {k: (v.tolist() if k == "clp_confusion" else float(v)) for k, v in metrics.items()}
 
     def heads(self) -> Heads:
         return nnx.merge(self._heads_def, self.params, self._rest)

@@ -20,7 +20,7 @@ from clp_jax.train_lib import Trainer
 def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
         hidden_fn: Callable[[np.ndarray, dict], jax.Array], ckpts: TrainCheckpoints | None = None,
         meta: dict | None = None, log_path: str | None = None, progress: bool = True,
-        positions_per_row: int | None = None) -> list[dict]:
+        positions_per_row: int | None = None, tensorboard_dir: str | None = None) -> list[dict]:
     """Trains up to global step `steps`, resuming from the latest checkpoint in `ckpts`.
 
     The batch of step s is a function of s alone (data.batch_indices), so a resumed run reads exactly
@@ -42,6 +42,11 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
             trainer.params, trainer.opt_state, trainer.step_count = params, opt_state, step
     history = []
     log = open(log_path, "a") if log_path else None
+    board = None
+    if tensorboard_dir:
+        from tensorboardX import SummaryWriter
+
+        board = SummaryWriter(tensorboard_dir)
     bar = tqdm(total=steps, initial=trainer.step_count, desc="training", unit="step", disable=not progress)
     try:
         while trainer.step_count < steps:
@@ -58,6 +63,9 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
             if log:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+            if board:
+                for key, value in metrics.items():
+                    board.add_scalar(f"train/{key}", value, trainer.step_count)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['head1_acc']:.2f}")
             bar.update(1)
             if ckpts is not None:
@@ -71,6 +79,8 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
         bar.close()
         if log:
             log.close()
+        if board:
+            board.close()
     if ckpts is not None:
         ckpts.save(trainer.step_count, trainer.params, trainer.opt_state, meta, force=True)
     return history
@@ -90,17 +100,20 @@ def sample_positions(mask: np.ndarray, n: int, seed: int, step: int) -> np.ndarr
 
 def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn, full_vocab: bool = True) -> dict:
     """Token-weighted held-out metrics over a whole split: per-head agreement, CLP accuracy, losses."""
-    totals, weight = {}, 0
+    totals, weight, confusion = {}, 0, 0
     for start in range(0, len(source), batch_size):
         idx = np.arange(start, min(start + batch_size, len(source)))
         batch = data_lib.get_batch(source, idx)
         batch["hidden"] = hidden_fn(idx, batch)
         m = trainer.evaluate(batch, full_vocab=full_vocab)
+        confusion = confusion + np.asarray(m.pop("clp_confusion"))
         n = int(batch["mask"].sum())
         weight += n
         for key, value in m.items():
             totals[key] = totals.get(key, 0.0) + value * n
-    return {key: value / max(weight, 1) for key, value in totals.items()}
+    out = {key: value / max(weight, 1) for key, value in totals.items()}
+    out["clp_confusion"] = np.asarray(confusion).tolist()  # rows: true L*, columns: predicted L
+    return out
 
 
 def cached_hidden_fn(model, source, batch_size: int = 8, progress: bool = True):
@@ -214,7 +227,8 @@ def run(cfg: dict, progress: bool = True) -> dict:
     with TrainCheckpoints(os.path.join(out_dir, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:
         history = fit(trainer, train_src, steps=rc["steps"], batch_size=rc["batch_size"], seed=rc["seed"],
                       hidden_fn=hidden_train, ckpts=ckpts, meta=meta, progress=progress,
-                      log_path=os.path.join(out_dir, "metrics.jsonl"), positions_per_row=rc["positions_per_row"])
+                      log_path=os.path.join(out_dir, "metrics.jsonl"), positions_per_row=rc["positions_per_row"],
+                      tensorboard_dir=os.path.join(out_dir, "tensorboard"))
     seconds = time.perf_counter() - t0
     result = evaluate(trainer, val_src, batch_size=rc["eval_batch_size"], hidden_fn=hidden_val)
     result.update(train_seconds=seconds, steps_run=len(history),

@@ -44,6 +44,7 @@ def test_resume_equals_uninterrupted(setting, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     held = evaluate(resumed, source, batch_size=4, hidden_fn=hidden)
     assert 0.0 <= held["head1_acc"] <= 1.0 and "clp_acc" in held
+    assert np.sum(held["clp_confusion"]) > 0 and len(held["clp_confusion"]) == 3  # k+1 classes
 
 
 def test_resume_refuses_other_heads(setting, tmp_path):
