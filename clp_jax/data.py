@@ -7,7 +7,9 @@ Records are fixed-length token rows with a loss mask:  tokens [T] int32, mask [T
   continuation of T - P tokens (generated with the `ar` decoder); the mask covers the continuation,
   so heads learn the backbone's greedy text.
 Corpora: `stdlib` (Python sources of the standard library: present on every machine; the HumanEval
-problems used for evaluation are never included), or files / directories of .txt, .py, .md, .jsonl.
+problems used for evaluation are never included), files / directories of .txt, .py, .md, .jsonl, or a
+tensorflow-datasets catalog dataset `tfds:NAME[:SPLIT[:FIELD]]` (where the network or a prepared
+data_dir allows; read through tfds.data_source, so without TensorFlow when it is array_record).
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ class DataConfig:
 
 
 def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]:
-    """Files of a corpus, in a seeded order."""
+    """Files (and `tfds:` catalog entries, kept as they are) of a corpus, in a seeded order."""
     files = []
     for src in sources:
+        if src.startswith("tfds:"):
+            files.append(src)
+            continue
         if src == "stdlib":
             root = sysconfig.get_paths()["stdlib"]
             found = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
@@ -65,7 +70,27 @@ def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]
     return [files[i] for i in rng.permutation(len(files))[:max_files]]
 
 
+def read_catalog(spec: str) -> Iterator[str]:
+    """Texts of `tfds:NAME[:SPLIT[:FIELD]]` (field default 'text')."""
+    import tensorflow_datasets as tfds
+
+    _, name, *rest = spec.split(":")
+    split = rest[0] if rest else "train"
+    field = rest[1] if len(rest) > 1 else "text"
+    try:
+        source = tfds.data_source(name, split=split)
+    except Exception as e:  # offline, unknown name, no array_record version
+        raise RuntimeError(f"Could not open the tensorflow-datasets catalog dataset {name!r} ({type(e).__name__}: "
+                           f"{e}). Prepare it where the network allows, or use local files or 'stdlib'.") from e
+    for i in range(len(source)):
+        value = source[i][field]
+        yield value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def read_texts(path: str) -> Iterator[str]:
+    if path.startswith("tfds:"):
+        yield from read_catalog(path)
+        return
     with open(path, encoding="utf-8", errors="replace") as f:
         if path.endswith(".jsonl"):
             for line in f:

@@ -116,18 +116,27 @@ def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn, full_vocab
     return out
 
 
-def cached_hidden_fn(model, source, batch_size: int = 8, progress: bool = True):
-    """Backbone hidden states of every record, computed once (D*4 bytes per token in fp32)."""
+def cached_hidden_fn(model, source, batch_size: int = 8, progress: bool = True, path: str | None = None):
+    """Backbone hidden states of every record, computed once: D*4 bytes per token in fp32 (3.5 KB for
+    the 0.5B backbone). With `path`, they are stored there as .npy and memory-mapped by later runs."""
     from tqdm.auto import tqdm
 
     from clp_jax.train_lib import backbone_hidden
 
+    if path is not None and os.path.exists(path):
+        table = np.load(path, mmap_mode="r")
+        if table.shape[0] == len(source):
+            return lambda idx, batch: jnp.asarray(table[idx])
     fn = jax.jit(backbone_hidden)
     parts = []
     for start in tqdm(range(0, len(source), batch_size), desc="backbone hidden states", disable=not progress):
         batch = data_lib.get_batch(source, np.arange(start, min(start + batch_size, len(source))))
         parts.append(np.asarray(fn(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))))
     table = np.concatenate(parts)  # [N, T, D]
+    if path is not None:
+        tmp = path + ".partial.npy"
+        np.save(tmp, table)
+        os.replace(tmp, path)  # whole or absent
     return lambda idx, batch: jnp.asarray(table[idx])
 
 
@@ -220,8 +229,11 @@ def run(cfg: dict, progress: bool = True) -> dict:
     elif rc["vocab"] != "full":
         raise ValueError(f"run.vocab must be 'corpus' or 'full', got {rc['vocab']!r}.")
     trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
-    hidden_train = cached_hidden_fn(backbone.model, train_src, progress=progress)
-    hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress)
+    hidden_dir = ensure_dir(os.path.join(cache_dir("datasets"), name, "hidden"))
+    hidden_train = cached_hidden_fn(backbone.model, train_src, progress=progress,
+                                    path=os.path.join(hidden_dir, f"train-{backbone.cfg.dtype}.npy"))
+    hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress,
+                                  path=os.path.join(hidden_dir, f"validation-{backbone.cfg.dtype}.npy"))
     meta = run_meta(hc, backbone.cfg)
     t0 = time.perf_counter()
     with TrainCheckpoints(os.path.join(out_dir, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:

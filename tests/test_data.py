@@ -61,3 +61,8 @@ def test_empty_or_missing_sources(tokenizer, tmp_path):
 def test_stdlib_corpus_exists_and_excludes_tests():
     files = data.source_files(["stdlib"], 50, 0)
     assert len(files) == 50 and not any("/test" in f for f in files)
+
+
+def test_catalog_dataset_offline_says_what_to_do():
+    with pytest.raises(RuntimeError, match="catalog dataset"):
+        list(data.read_texts("tfds:no_such_dataset_here:train"))

@@ -95,3 +95,12 @@ def test_shipped_configs_parse(name):
     DataConfig(**{k: tuple(v) if k == "sources" else v for k, v in cfg["data"].items()})
     mesh = MeshConfig(**cfg.get("mesh", {}))
     assert cfg["run"]["batch_size"] % mesh.data == 0
+
+
+def test_hidden_states_cached_on_disk(setting, tmp_path):
+    model, source, _ = setting
+    path = str(tmp_path / "train.npy")
+    first = cached_hidden_fn(model, source, progress=False, path=path)
+    idx = np.array([3, 0, 7])
+    again = cached_hidden_fn(None, source, progress=False, path=path)  # no model needed: read from disk
+    np.testing.assert_array_equal(np.asarray(first(idx, None)), np.asarray(again(idx, None)))
