@@ -205,6 +205,21 @@ def build_dataset(dc: DataConfig, name: str, rows: Callable[[], list[dict]], dat
     return out
 
 
+class Subset:
+    """Records [start, stop) of a data source, re-indexed from 0 (`offset` maps back)."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.offset, self.n = source, start, stop - start
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[self.offset + i]
+
+
 def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
     """Record indices of global step `step`: epochs are seeded permutations laid end to end, so a run
     resumed at step s reads exactly what an uninterrupted run would have (nothing lost or repeated)."""

@@ -29,9 +29,17 @@ class TrainConfig:
     head_decay: float = 0.8  # weight of head j relative to head 1: decay**(j-1)
     deep_heads_warmup: int = 100  # linear warm-up of heads 2..k's weight
     clp_weight: float = 1.0
+    # "joint": heads, CLP and gate together; "clp": only the CLP (and gate MLP) learn, on labels of the
+    # frozen, trained heads -- run on records the heads never saw, so L* has the distribution of deployment
+    phase: str = "joint"
     gate_weight: float = 1.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+
+
+def _check_phase(tc: TrainConfig) -> None:
+    if tc.phase not in ("joint", "clp"):
+        raise ValueError(f"train.phase must be 'joint' or 'clp', got {tc.phase!r}.")
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -80,7 +88,10 @@ def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array
         next_tokens = jnp.take_along_axis(next_tokens, pos, 1)
         source_ok = jnp.take_along_axis(mask, pos, 1)
     t1_embed = backbone.embed(next_tokens) if heads.cfg.conditioned else None
+    heads_learn = tc.phase == "joint"
     states = heads.mtp(h, t1_embed)  # [B, P, k, D]
+    if not heads_learn:
+        states = jax.lax.stop_gradient(states)
     weights = losses.head_weights(k, tc.head_decay, tc.deep_heads_warmup, step)
     total, correct = 0.0, []
     for j in range(k):  # one head at a time: [B, P, V] logits, not [B, P, k, V]
@@ -88,7 +99,7 @@ def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array
         ce = losses.masked_mean(losses.cross_entropy(logits, targets[..., j]), valid[..., j])
         hit = jnp.argmax(logits, -1) == targets[..., j]
         correct.append(hit)
-        total = total + weights[j] * ce
+        total = total + (weights[j] * ce if heads_learn else 0.0)
         metrics[f"head{j + 1}_loss"] = ce
         metrics[f"head{j + 1}_acc"] = losses.masked_mean(hit.astype(jnp.float32), valid[..., j])
     correct = jax.lax.stop_gradient(jnp.stack(correct, -1))  # [B, P, k]
@@ -108,13 +119,15 @@ def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array
     if heads.gate is not None:
         g_targets, g_valid = select(*losses.shifted_targets(tokens, mask, k, offset=0))
         g_states = heads.gate_heads(h)
+        if not heads_learn:
+            g_states = jax.lax.stop_gradient(g_states)
         gate_logits = heads.gate(h)  # [B, P, k]
         for j in range(k):
             logits = backbone.logits(g_states[:, :, j], vocab)
             ce = losses.masked_mean(losses.cross_entropy(logits, g_targets[..., j]), g_valid[..., j])
             hit = jax.lax.stop_gradient((jnp.argmax(logits, -1) == g_targets[..., j]).astype(jnp.float32))
             bce = losses.masked_mean(optax.sigmoid_binary_cross_entropy(gate_logits[..., j], hit), g_valid[..., j])
-            total = total + tc.gate_weight * (weights[j] * ce + bce)
+            total = total + tc.gate_weight * ((weights[j] * ce if heads_learn else 0.0) + bce)
             metrics[f"gate_head{j + 1}_acc"] = losses.masked_mean(hit, g_valid[..., j])
     metrics["loss"] = total
     return total, metrics
@@ -125,11 +138,14 @@ class Trainer:
 
     def __init__(self, backbone: Qwen2, heads: Heads, tc: TrainConfig, mesh: Mesh | None = None,
                  vocab=None):
+        _check_phase(tc)
         self.tc, self.mesh = tc, mesh
         self.vocab = None if vocab is None else jnp.asarray(vocab, jnp.int32)  # scored token ids [U]
         self.optimizer = make_optimizer(tc)
         self._bb_def, bb_state = nnx.split(backbone)
-        self._heads_def, params, rest = nnx.split(heads, nnx.Param, ...)
+        trainable = nnx.Param if tc.phase == "joint" else nnx.All(
+            nnx.Param, nnx.Any(nnx.PathContains("clp"), nnx.PathContains("gate")))  # CLP and gate MLP only
+        self._heads_def, params, rest = nnx.split(heads, trainable, ...)
         self._rest = rest
         if mesh is not None:
             sharding.check_divisible(params, mesh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -153,7 +154,8 @@ def ensure_dir(path: str) -> str:
 
 SECTIONS = ("model", "heads", "data", "train", "mesh", "run")
 RUN_DEFAULTS = dict(out_dir="runs/demo", steps=200, batch_size=8, positions_per_row=16, vocab="corpus",
-                    vocab_size=16384, seed=0, save_every=50, keep=3, gen_batch_size=8, eval_batch_size=8)
+                    vocab_size=16384, seed=0, save_every=50, keep=3, gen_batch_size=8, eval_batch_size=8,
+                    clp_fraction=0.25, clp_steps=0, clp_positions_per_row=4, clp_learning_rate=3e-3)
 
 
 def load_config(path: str, overrides: list[str] = ()) -> dict:
@@ -228,19 +230,31 @@ def run(cfg: dict, progress: bool = True) -> dict:
         print(f"scoring {vocab.size} of {backbone.cfg.vocab_size} tokens during training", file=sys.stderr)
     elif rc["vocab"] != "full":
         raise ValueError(f"run.vocab must be 'corpus' or 'full', got {rc['vocab']!r}.")
-    trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
     hidden_dir = ensure_dir(os.path.join(cache_dir("datasets"), name, "hidden"))
     hidden_train = cached_hidden_fn(backbone.model, train_src, progress=progress,
                                     path=os.path.join(hidden_dir, f"train-{backbone.cfg.dtype}.npy"))
     hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress,
                                   path=os.path.join(hidden_dir, f"validation-{backbone.cfg.dtype}.npy"))
     meta = run_meta(hc, backbone.cfg)
+    # Phase 2 (clp_steps > 0) trains the CLP on records the heads never saw, with full-vocabulary labels
+    n_clp = int(len(train_src) * rc["clp_fraction"]) if rc["clp_steps"] else 0
+    heads_src = data_lib.Subset(train_src, 0, len(train_src) - n_clp)
     t0 = time.perf_counter()
+    trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
     with TrainCheckpoints(os.path.join(out_dir, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:
-        history = fit(trainer, train_src, steps=rc["steps"], batch_size=rc["batch_size"], seed=rc["seed"],
+        history = fit(trainer, heads_src, steps=rc["steps"], batch_size=rc["batch_size"], seed=rc["seed"],
                       hidden_fn=hidden_train, ckpts=ckpts, meta=meta, progress=progress,
                       log_path=os.path.join(out_dir, "metrics.jsonl"), positions_per_row=rc["positions_per_row"],
                       tensorboard_dir=os.path.join(out_dir, "tensorboard"))
+    if n_clp:
+        clp_src = data_lib.Subset(train_src, len(train_src) - n_clp, len(train_src))
+        tc_clp = dataclasses.replace(tc, phase="clp", learning_rate=rc["clp_learning_rate"])
+        trainer = Trainer(backbone.model, trainer.heads(), tc_clp, mesh)  # full vocabulary: honest L*
+        with TrainCheckpoints(os.path.join(out_dir, "checkpoints_clp"), rc["save_every"], rc["keep"]) as ckpts:
+            history += fit(trainer, clp_src, steps=rc["clp_steps"], batch_size=rc["batch_size"], seed=rc["seed"],
+                           hidden_fn=lambda idx, b: hidden_train(idx + clp_src.offset, b), ckpts=ckpts,
+                           meta=meta, progress=progress, log_path=os.path.join(out_dir, "metrics_clp.jsonl"),
+                           positions_per_row=rc["clp_positions_per_row"])
     seconds = time.perf_counter() - t0
     result = evaluate(trainer, val_src, batch_size=rc["eval_batch_size"], hidden_fn=hidden_val)
     result.update(train_seconds=seconds, steps_run=len(history),

@@ -115,3 +115,19 @@ def test_sub_vocabulary_and_position_sampling_match_the_full_loss(model):
         assert abs(full[key] - everything[key]) < 1e-4 and abs(full[key] - positioned[key]) < 1e-4
     sub = Trainer(model, _heads(model.cfg, seed=1), TrainConfig(), vocab=np.arange(64))
     assert sub.evaluate(batch)["head1_loss"] < full["head1_loss"]  # fewer classes to spread mass over
+
+
+def test_clp_phase_trains_only_the_clp_and_gate(model):
+    """Phase 'clp': the heads stay bit-identical, the CLP (and gate MLP) move."""
+    heads = _heads(model.cfg, seed=2)
+    trainer = Trainer(model, heads, TrainConfig(phase="clp", learning_rate=1e-2, warmup_steps=1, weight_decay=0.1))
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(heads, nnx.Param))}
+    rng = np.random.RandomState(4)
+    for _ in range(3):
+        trainer.step(_batch(model, rng))
+    after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(trainer.heads(), nnx.Param))}
+    for path, value in before.items():
+        moved = not np.array_equal(value, after[path])
+        assert moved == (path[0] in ("clp", "gate")), path
+    with pytest.raises(ValueError, match="phase"):
+        Trainer(model, heads, TrainConfig(phase="heads"))
