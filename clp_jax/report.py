@@ -51,13 +51,15 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
         for p, t in zip(batch, r.tokens):
             print(f"--- prompt: {tok.decode(p)!r}\n{tok.decode(t)}")
     same = [a == b for r, q in zip(mine, ref) for a, b in zip(r.tokens, q.tokens)]
-    t_mode = sum(r.decode_seconds for r in mine)
-    t_ar = sum(r.decode_seconds for r in ref)
-    e2e_mode = sum(r.decode_seconds + r.prefill_seconds for r in mine)
-    e2e_ar = sum(r.decode_seconds + r.prefill_seconds for r in ref)
+
+    def rate(results, prefill: bool) -> float:  # tokens per second: lossy modes may stop at other lengths
+        seconds = sum(r.decode_seconds + (r.prefill_seconds if prefill else 0.0) for r in results)
+        return sum(r.num_tokens for r in results) / max(seconds, 1e-9)
+
     print(stats_line(decoder.dc.mode, mine, decoder))
     print(stats_line("ar", ref, ar))
-    print(f"speedup over ar: {t_ar / t_mode:.2f}x decode, {e2e_ar / e2e_mode:.2f}x end to end")
+    print(f"speedup over ar (tokens/s ratio): {rate(mine, False) / rate(ref, False):.2f}x decode, "
+          f"{rate(mine, True) / rate(ref, True):.2f}x end to end")
     print(f"exact match {np.mean(same):.2f} ({sum(same)}/{len(same)} prompts identical to ar)")
     return 0
 
