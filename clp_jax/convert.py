@@ -158,6 +158,37 @@ def flat_params(model: Qwen2) -> dict[str, jnp.ndarray]:
     return {_path_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+# ---------------------------------------------------------------- back to Hugging Face
+
+_INVERSE: dict[Callable, Callable] = {
+    _identity: lambda w, cfg: w,
+    _transpose: lambda w, cfg: w.T,
+    _q_kernel: lambda w, cfg: w.reshape(w.shape[0], -1).T,  # [D, N, H] -> [N*H, D]
+    _heads_bias: lambda w, cfg: w.reshape(-1),  # [N, H] -> [N*H]
+    _o_kernel: lambda w, cfg: w.reshape(-1, w.shape[-1]).T,  # [N, H, D] -> [D, N*H]
+}
+
+
+def hf_tensors(model: Qwen2) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_tensors`: Hugging Face names and `[out, in]` arrays (float32).
+
+    Drives a transformers `Qwen2ForCausalLM` with exactly these weights (the benchmark's peers).
+    """
+    table = [(re.escape(template).replace(r"\{0\}", r"(\d+)"), pattern, transform)
+             for pattern, template, transform in HF_TO_FLAX]
+    out = {}
+    for key, value in flat_params(model).items():
+        for flax_pattern, hf_pattern, transform in table:
+            m = re.fullmatch(flax_pattern, key)
+            if m:
+                name = hf_pattern.replace(r"(\d+)", "{0}").replace("\\.", ".").format(*m.groups())
+                out[name] = np.array(_INVERSE[transform](np.asarray(value, np.float32), model.cfg), order="C")
+                break
+        else:
+            raise ConversionError(f"No Hugging Face name for parameter {key!r}.")
+    return out
+
+
 # ---------------------------------------------------------------- Hugging Face directory
 
 

@@ -366,6 +366,17 @@ class Decoder:
             self.num_compiles += 1
         return self._compiled[key]
 
+    def memory_bytes(self) -> int:
+        """Arguments + outputs + temporaries - aliased buffers of the largest compiled program (XLA's
+        own memory analysis: weights, KV cache and scratch of one decoding run)."""
+        best = 0
+        for compiled in self._compiled.values():
+            m = compiled.memory_analysis()
+            if m is not None:
+                best = max(best, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                           - m.alias_size_in_bytes)
+        return best
+
     # ------------------------------------------------------------------ host API
 
     def _capacity(self, prompt_bucket: int) -> int:

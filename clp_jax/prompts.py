@@ -41,3 +41,16 @@ def encode(tokenizer, prompt, chat: bool) -> list[int]:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+# The benchmark's chat/prose set: everyday requests, sent through the chat template.
+CHAT_PROMPTS = (
+    "Explain in a short paragraph why the sky is blue.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are three tips for staying focused while working from home?",
+    "Summarise the causes of the French Revolution in a few sentences.",
+    "Describe how a hash map works to someone new to programming.",
+    "Write a polite email asking a colleague to review a pull request by Friday.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give a recipe for a simple tomato soup.",
+)

@@ -1,0 +1,260 @@
+"""One-run benchmark: every decoding mode and the transformers peers, speed and quality side by side.
+
+  python -m clp_jax.bench --limit 8 --max-new-tokens 128 --out bench_out
+
+Prompts are HumanEval problems (raw completion) and a chat/prose set (chat template). Each prompt
+is decoded by every method in turn (batch 1, greedy) in this one process, after every program is
+compiled, so the ratios compare like with like. Writes bench.json (top-level `modes`), bench.md
+and two plots into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from clp_jax import quality
+from clp_jax.decoding import DecodeConfig, Decoder, _bucket, MIN_PROMPT_BUCKET
+from clp_jax.peers import PEERS
+
+SETS = ("humaneval", "chat")
+MTP_MODES = ("clp", "verify", "confadapt", "gate")
+
+
+@dataclasses.dataclass
+class Sample:
+    set: str  # "humaneval" or "chat"
+    name: str
+    ids: list[int]
+    problem: dict | None = None  # HumanEval problem (prompt, test, entry_point)
+
+
+@dataclasses.dataclass
+class Run:
+    """One prompt decoded by one method."""
+
+    tokens: list[int]
+    decode_seconds: float  # after the prompt's first token (None for the peers: not separable)
+    total_seconds: float  # prefill + decode
+    passes: int  # backbone forward passes, prefill included
+    offered: np.ndarray | None = None  # [k] drafts offered per head position
+    accepted: np.ndarray | None = None
+
+
+def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Sample]:
+    from clp_jax.prompts import CHAT_PROMPTS, encode
+
+    samples = []
+    if "humaneval" in sets:
+        for p in quality.humaneval_problems(limit):
+            samples.append(Sample("humaneval", p["task_id"], encode(tokenizer, p["prompt"], chat=False), p))
+    if "chat" in sets:
+        for i, text in enumerate(CHAT_PROMPTS[:limit] if limit else CHAT_PROMPTS):
+            samples.append(Sample("chat", f"chat/{i}", encode(tokenizer, text, chat=True)))
+    return samples
+
+
+def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int) -> dict[str, DecodeConfig]:
+    """Label -> DecodeConfig; confadapt runs once per tau."""
+    out = {}
+    for mode in ("ar",) + tuple(m for m in modes if m != "ar"):
+        if mode == "confadapt":
+            for tau in taus:
+                out[f"confadapt@{tau:g}"] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens, tau=tau)
+        else:
+            out[mode] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens)
+    return out
+
+
+def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
+    """Compiles prefill and loop for every prompt bucket, so no timed run pays for compilation."""
+    seen = set()
+    for s in samples:
+        bucket = _bucket(len(s.ids), MIN_PROMPT_BUCKET)
+        if bucket not in seen:
+            seen.add(bucket)
+            jax.block_until_ready(decoder.advance(decoder.start([s.ids]), 1).length)
+
+
+def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
+    res = decoder.generate([ids])
+    return Run(res.tokens[0], res.decode_seconds, res.prefill_seconds + res.decode_seconds,
+               int(res.passes.sum()), res.offered.sum(0), res.accepted.sum(0))
+
+
+def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | None) -> dict:
+    """Speed and quality of one method over a list of prompts, against `ar`'s runs of the same prompts."""
+    tokens = sum(len(r.tokens) for r in runs)
+    total = sum(r.total_seconds for r in runs)
+    ref_tokens = sum(len(r.tokens) for r in ref)
+    e2e, ref_e2e = tokens / max(total, 1e-9), ref_tokens / max(sum(r.total_seconds for r in ref), 1e-9)
+    out = {"prompts": len(runs), "tokens": tokens, "tokens_per_s_e2e": e2e, "speedup_e2e": e2e / ref_e2e,
+           "tokens_per_pass": tokens / max(sum(r.passes for r in runs), 1),
+           "exact_match": float(np.mean([r.tokens == q.tokens for r, q in zip(runs, ref)]))}
+    if all(r.decode_seconds is not None for r in runs):
+        # decode rate: tokens after the first one (which the prefill pass emits) per decode second
+        dec = (tokens - len(runs)) / max(sum(r.decode_seconds for r in runs), 1e-9)
+        ref_dec = (ref_tokens - len(ref)) / max(sum(r.decode_seconds for r in ref), 1e-9)
+        out.update(tokens_per_s=dec, speedup=dec / ref_dec)
+    else:  # the peers: end to end only
+        out.update(tokens_per_s=e2e, speedup=out["speedup_e2e"])
+    if runs[0].offered is not None:
+        offered = sum(r.offered for r in runs)
+        accepted = sum(r.accepted for r in runs)
+        out["head_acceptance"] = np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0).round(4).tolist()
+    for n in (2, 3, 4):
+        out[f"rep{n}"] = float(np.mean([quality.rep_n(r.tokens, n) for r in runs]))
+    if passed is not None:
+        out["pass_at_1"] = float(np.mean(passed))
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo")
+    p.add_argument("--heads", default=None, help="heads checkpoint (default: the shipped heads), or 'zero'")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--sets", default="humaneval,chat", help="comma-separated: humaneval, chat")
+    p.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=None, help="heads used (default: all the checkpoint has)")
+    p.add_argument("--modes", default="ar,clp,verify,confadapt,gate")
+    p.add_argument("--taus", default="0.5,0.7,0.9", help="confadapt thresholds (a sweep)")
+    p.add_argument("--peers", default="hf_greedy,hf_lookup", help="transformers peers, or 'none'")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_lookup")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test run")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip() and x.strip() != "none"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.command = "python -m clp_jax.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _load_backbone(args):
+    from clp_jax import loading
+
+    return loading.load_backbone(args.model, dtype=args.dtype, progress=not args.no_progress)
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from clp_jax import bench_report, checkpoint, roofline
+    from clp_jax.heads import param_summary
+
+    sets, modes, peers = _split(args.sets), _split(args.modes), _split(args.peers)
+    for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, PEERS)):
+        bad = sorted(set(given) - set(allowed))
+        if bad:
+            raise ValueError(f"Unknown {name}(s) {bad}; choose from {', '.join(allowed)}.")
+    if not sets:
+        raise ValueError("--sets names no prompt set.")
+    taus = [float(t) for t in _split(args.taus)]
+    mtp = [m for m in modes if m != "ar"]
+    heads_src = checkpoint.heads_source(args.heads, args.model, mtp[0] if mtp else "ar")
+    backbone = _load_backbone(args)
+    heads = checkpoint.build_heads(heads_src, backbone.cfg, args.k)
+    k = args.k or (heads.cfg.k if heads is not None else 1)
+    samples = load_samples(backbone.tokenizer, sets, args.limit)
+    configs = mode_configs(modes, taus, k, args.max_new_tokens)
+    decoders = {label: Decoder(backbone.model, heads, dc, backbone.eos_token_ids) for label, dc in configs.items()}
+    for d in decoders.values():
+        d.check_prompts([s.ids for s in samples])
+
+    t_compile = time.perf_counter()
+    for d in tqdm(decoders.values(), desc="compiling", disable=args.no_progress):
+        warm_up(d, samples)
+    peer = None
+    if peers:
+        from clp_jax.peers import TransformersPeer
+
+        peer = TransformersPeer(backbone.model, backbone.eos_token_ids, backbone.tokenizer.pad_token_id)
+        peer.generate(samples[0].ids, 2)  # first-call overheads
+    print(f"compiled {len(decoders)} decoders in {time.perf_counter() - t_compile:.1f} s", file=sys.stderr)
+
+    runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + peers}
+    bar = tqdm(total=len(samples) * len(runs), desc="decoding", disable=args.no_progress)
+    for s in samples:  # every method on one prompt, then the next prompt: drifts hit all alike
+        for label, d in decoders.items():
+            runs[label].append(run_decoder(d, s.ids))
+            bar.update()
+        for name in peers:
+            r = peer.generate(s.ids, args.max_new_tokens, args.lookup_tokens if name == "hf_lookup" else 0)
+            runs[name].append(Run(r.tokens, None, r.seconds, r.passes))
+            bar.update()
+    bar.close()
+
+    tok = backbone.tokenizer
+    he = [i for i, s in enumerate(samples) if s.set == "humaneval"]
+    results = {}
+    for label, rs in tqdm(runs.items(), desc="scoring", disable=args.no_progress):
+        passed = None
+        if he:
+            completions = [tok.decode(rs[i].tokens, skip_special_tokens=True) for i in he]
+            passed = quality.pass_at_1([samples[i].problem for i in he], completions, args.timeout)
+        m = summarize(rs, runs["ar"], passed)
+        m["sets"] = {}
+        for name in sets:
+            idx = [i for i, s in enumerate(samples) if s.set == name]
+            sub = summarize([rs[i] for i in idx], [runs["ar"][i] for i in idx],
+                            [passed[he.index(i)] for i in idx] if name == "humaneval" else None)
+            m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass")
+                               + (("pass_at_1",) if "pass_at_1" in sub else ())}
+        if label in decoders:
+            m["compile_seconds"] = decoders[label].compile_seconds
+            m["memory_bytes"] = decoders[label].memory_bytes()
+        results[label] = m
+
+    ar_runs = runs["ar"]
+    ar_pass = sum(r.decode_seconds for r in ar_runs) / max(sum(r.passes - 1 for r in ar_runs), 1)
+    meta = {
+        "command": args.command,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind,
+                    "jax": jax.__version__},
+        "backbone": backbone.source, "dtype": args.dtype, "heads": heads_src,
+        "heads_params": param_summary(heads) if heads is not None else None, "k": k,
+        "prompts": {name: sum(s.set == name for s in samples) for name in sets},
+        "max_new_tokens": args.max_new_tokens, "lookup_tokens": args.lookup_tokens,
+        "roofline": roofline.roofline(backbone.model, ar_pass),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    report = {"meta": meta, "modes": results}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = bench_report.markdown(report)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table)
+    bench_report.plots(report, args.out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

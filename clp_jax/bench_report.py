@@ -1,0 +1,90 @@
+"""The benchmark's Markdown table and plots, from the report dict that bench.json holds."""
+
+from __future__ import annotations
+
+import os
+
+PEER_NAMES = {"hf_greedy": "transformers greedy", "hf_lookup": "transformers prompt lookup"}
+
+
+def _fmt(x, spec=".2f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    meta, modes = report["meta"], report["modes"]
+    ar = modes["ar"]
+    he = "pass_at_1" in ar
+    cols = ["mode", "tokens/s", "speedup", "speedup e2e", "tokens/pass", "head acceptance", "exact match",
+            "rep-2/3/4"] + (["pass@1"] if he else []) + ["compile s", "memory GB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for label, m in modes.items():
+        name = PEER_NAMES.get(label, label)
+        acc = " ".join(f"{a:.2f}" for a in m.get("head_acceptance", [])) if label != "ar" else ""
+        row = [name, _fmt(m["tokens_per_s"]), _fmt(m["speedup"]) + ("" if "compile_seconds" in m else " (e2e)"),
+               _fmt(m["speedup_e2e"]), _fmt(m["tokens_per_pass"]), acc or "-", _fmt(m["exact_match"]),
+               "/".join(f"{m[f'rep{n}']:.2f}" for n in (2, 3, 4))]
+        if he:
+            row.append(_fmt(m.get("pass_at_1")))
+        row += [_fmt(m.get("compile_seconds"), ".1f"),
+                _fmt(m["memory_bytes"] / 1e9 if "memory_bytes" in m else None)]
+        lines.append("| " + " | ".join(row) + " |")
+    rf = meta["roofline"]
+    mach = meta["machine"]
+    prompts = ", ".join(f"{n} {name}" for name, n in meta["prompts"].items())
+    foot = [
+        "",
+        f"`{meta['command']}` on {meta['date']}: {mach['device']} ({mach['processor']}, {mach['cpu_count']} "
+        f"cores), jax {mach['jax']}; backbone {os.path.basename(str(meta['backbone']))} ({meta['dtype']}), "
+        f"k={meta['k']}, {prompts} prompts, {meta['max_new_tokens']} new tokens, batch 1, greedy.",
+        f"Speedup = decode tokens/s over `ar`'s (transformers peers: end to end, marked e2e); exact match = "
+        f"prompts whose tokens equal `ar`'s; memory = XLA's arguments + temporaries of the decoding loop.",
+        f"`ar` roofline: {rf['weight_bytes_per_pass'] / 1e9:.2f} GB of weights per pass / "
+        f"{rf['copy_bandwidth_gb_s']:.1f} GB/s measured copy bandwidth = {rf['roofline_ms_per_pass']:.1f} ms; "
+        f"measured {rf['measured_ms_per_pass']:.1f} ms per pass = {100 * rf['fraction_of_roofline']:.0f}% of the roofline.",
+    ]
+    return "\n".join(lines + foot) + "\n"
+
+
+def plots(report: dict, out_dir: str) -> list[str]:
+    """speedup_vs_quality.png and acceptance.png; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = report["modes"]
+    he = "pass_at_1" in modes["ar"]
+    fig, axes = plt.subplots(1, 2 if he else 1, figsize=(11 if he else 5.5, 4.2), squeeze=False)
+    panels = [("rep3", "rep-3 (lower is less repetitive)")] + ([("pass_at_1", "HumanEval pass@1")] if he else [])
+    for ax, (key, xlabel) in zip(axes[0], panels):
+        for label, m in modes.items():
+            ax.scatter(m[key], m["speedup"], s=40, marker="s" if label in PEER_NAMES else "o")
+            ax.annotate(PEER_NAMES.get(label, label), (m[key], m["speedup"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("speedup over ar")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Speed against quality ({os.path.basename(str(report['meta']['backbone']))})")
+    fig.tight_layout()
+    paths = [os.path.join(out_dir, "speedup_vs_quality.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for label, m in modes.items():
+        acc = m.get("head_acceptance")
+        if label != "ar" and acc:
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label)
+    ax.set_xlabel("head position j (token n+1+j; gate: n+j)")
+    ax.set_ylabel("acceptance (committed / offered)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Per-head acceptance")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "acceptance.png"))
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths

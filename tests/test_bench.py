@@ -1,0 +1,80 @@
+"""The benchmark end to end on a tiny random backbone, and the quality measures it relies on."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from clp_jax import bench, quality
+from clp_jax.checkpoint import save_heads
+from clp_jax.loading import Backbone
+from helpers import random_heads, scaled_random_model, tiny_config, tiny_tokenizer
+
+
+def test_rep_n():
+    assert quality.rep_n([1, 2, 3, 4], 2) == 0.0
+    assert quality.rep_n([1, 2, 1, 2, 1, 2], 2) == pytest.approx(1 - 2 / 5)
+    assert quality.rep_n([7] * 5, 3) == pytest.approx(1 - 1 / 3)
+    assert quality.rep_n([1], 2) == 0.0
+
+
+def test_humaneval_runs_code_in_a_subprocess():
+    """The canonical solution passes; a wrong one, a crashing one and an endless one do not."""
+    problem = quality.humaneval_problems(1)[0]
+    assert problem["task_id"] == "HumanEval/0"
+    good = problem["canonical_solution"] + "\ndef unrelated():\n    pass\n"  # cut at the stop sequence
+    assert quality.truncate_completion(good) == problem["canonical_solution"]
+    results = quality.pass_at_1([problem] * 4, [good, "    return False\n", "    raise SystemExit(3)\n",
+                                                "    while True:\n        pass\n"], timeout=3)
+    assert results == [True, False, False, False]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    tok = tiny_tokenizer()
+    cfg = tiny_config(vocab_size=len(tok), tie_word_embeddings=True)
+    model = scaled_random_model(cfg, seed=3, logit_scale=4.0)
+    heads_dir = str(tmp_path_factory.mktemp("heads") / "heads")
+    save_heads(heads_dir, random_heads(cfg, k=2, gate=True), cfg)
+    eos = (tok.eos_token_id,)
+    return Backbone(cfg=cfg, model=model, tokenizer=tok, source="tiny-random", eos_token_ids=eos), heads_dir
+
+
+def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
+    """Every mode and both transformers peers on one HumanEval and one chat prompt: the files it writes,
+    ar as its own reference, verify exact, and transformers' greedy decoding equal to ar (same weights)."""
+    backbone, heads_dir = tiny_setup
+    monkeypatch.setattr(bench, "_load_backbone", lambda args: backbone)
+    out = tmp_path / "out"
+    args = bench.parse_args(["--model", "tiny", "--heads", heads_dir, "--limit", "1", "--max-new-tokens", "12",
+                             "--taus", "0.5", "--out", str(out), "--no-progress", "--timeout", "5"])
+    args.command = "python -m clp_jax.bench (test)"
+    assert bench.run(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    modes = report["modes"]
+    assert list(modes) == ["ar", "clp", "verify", "confadapt@0.5", "gate",
+                           "hf_greedy", "hf_lookup"]
+    for m in modes.values():
+        for key in ("speedup", "exact_match", "tokens_per_pass", "rep2", "rep3", "rep4", "pass_at_1"):
+            assert np.isfinite(m[key]), key
+        assert set(m["sets"]) == {"humaneval", "chat"}
+    assert modes["ar"]["speedup"] == 1.0 and modes["ar"]["exact_match"] == 1.0
+    assert modes["ar"]["tokens_per_pass"] == pytest.approx(1.0)
+    assert modes["verify"]["exact_match"] == 1.0
+    assert modes["hf_greedy"]["exact_match"] == 1.0
+    assert modes["hf_lookup"]["exact_match"] == 1.0
+    assert len(modes["clp"]["head_acceptance"]) == 2
+    assert modes["verify"]["memory_bytes"] > 0 and modes["verify"]["compile_seconds"] > 0
+    assert 0 < report["meta"]["roofline"]["fraction_of_roofline"]
+    assert report["meta"]["prompts"] == {"humaneval": 1, "chat": 1}
+    for name in ("bench.md", "speedup_vs_quality.png", "acceptance.png"):
+        assert os.path.getsize(out / name) > 0
+    assert "| verify |" in (out / "bench.md").read_text()
+
+
+def test_bench_rejects_unknown_modes(tmp_path):
+    args = bench.parse_args(["--modes", "ar,fast", "--out", str(tmp_path)])
+    assert bench.main(["--modes", "ar,fast", "--out", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="fast"):
+        bench.run(args)
