@@ -139,3 +139,24 @@ class ModelConfig:
         )
         fields.update(overrides)
         return cls(**fields)
+
+
+# Geometries of the published Qwen2.5 checkpoints (their config.json), for planning without a download.
+QWEN25_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                                       num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                                       num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-3B-Instruct": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                                     num_heads=16, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                                     num_heads=28, num_kv_heads=4, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def known_geometry(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of a published Qwen2.5 model by hub id (base or -Instruct), without downloading it."""
+    key = name if name in QWEN25_GEOMETRIES else f"{name}-Instruct"
+    if key not in QWEN25_GEOMETRIES:
+        raise ValueError(f"No known geometry for {name!r}; known: {', '.join(QWEN25_GEOMETRIES)}.")
+    return ModelConfig(**QWEN25_GEOMETRIES[key], **overrides)

@@ -14,17 +14,13 @@ import argparse
 import jax
 from flax import nnx
 
-from clp_jax.config import ModelConfig
+from clp_jax.config import known_geometry
 from clp_jax.decoding import DecodeConfig, Decoder
 from clp_jax.heads import Heads, HeadsConfig
 from clp_jax.qwen2 import Qwen2
 
-GEOMETRIES = {
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-                         num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=False),
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                         num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
-}
+GEOMETRIES = {"qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+              "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct"}
 
 
 def main():
@@ -35,7 +31,7 @@ def main():
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
-    cfg = ModelConfig(**GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
+    cfg = known_geometry(GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
     model = Qwen2(cfg, rngs=nnx.Rngs(0))
     heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=args.k,
                               param_dtype=args.dtype), rngs=nnx.Rngs(0))

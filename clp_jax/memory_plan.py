@@ -1,0 +1,103 @@
+"""Memory per device of a training config on its mesh, computed from shapes alone (nothing allocated).
+
+  python -m clp_jax.memory_plan --config configs/qwen2.5-7b.toml --devices 8
+  python -m clp_jax.memory_plan --config configs/qwen2.5-7b.toml --devices 4 --set mesh.data=1 --set mesh.model=4
+
+The frozen backbone and the heads are built with `nnx.eval_shape`, sharded by the same rules table
+as training, the optimizer state comes from `jax.eval_shape` of the real optimizer's `init` (its shardings
+from compiling that `init` for the mesh), and each
+leaf is counted by its shard shape on the mesh. The activation figure is an estimate of the largest
+term, the vocabulary logits of every scored head (kept for the backward pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+GIB = 1 << 30
+
+
+def _bytes_per_device(tree, shardings) -> int:
+    import jax
+
+    total = 0
+    for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def plan(cfg: dict, devices=None) -> dict:
+    """Per-device bytes of backbone weights, heads, optimizer state and the logits estimate."""
+    import jax
+    from flax import nnx
+
+    from clp_jax import sharding, train_loop
+    from clp_jax.config import known_geometry
+    from clp_jax.heads import Heads, HeadsConfig
+    from clp_jax.qwen2 import abstract_model
+    from clp_jax.train_lib import TrainConfig, make_optimizer
+
+    model_cfg = cfg.get("model", {})
+    dtype = model_cfg.get("dtype", "float32")
+    mcfg = known_geometry(model_cfg["name"], dtype=dtype, param_dtype=dtype)
+    rc = {**train_loop.RUN_DEFAULTS, **cfg.get("run", {})}
+    mesh = sharding.MeshConfig(**{k: v for k, v in cfg.get("mesh", {}).items() if k != "distributed"}).make(devices)
+
+    backbone = nnx.state(abstract_model(mcfg), nnx.Param)
+    hc = HeadsConfig(hidden_size=mcfg.hidden_size, vocab_size=mcfg.vocab_size, **cfg.get("heads", {}))
+    heads = nnx.state(nnx.eval_shape(lambda: Heads(hc, rngs=nnx.Rngs(0))), nnx.Param)
+    sharding.check_divisible(backbone, mesh)
+    sharding.check_divisible(heads, mesh)
+    for key in ("batch_size", "eval_batch_size"):
+        if rc[key] % mesh.shape["data"]:
+            raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
+    heads_sh = sharding.state_shardings(heads, mesh)
+    # the optimizer state as training creates it: moments take the parameters' shardings
+    init = jax.jit(make_optimizer(TrainConfig(**cfg.get("train", {}))).init, in_shardings=(heads_sh,))
+    opt = jax.eval_shape(init, heads)
+    opt_sh = init.lower(heads).compile().output_shardings
+
+    scored = hc.k * (2 if hc.gate else 1)  # MTP heads (+ gate heads), one [B, P, V] logits each
+    positions = rc["positions_per_row"] or cfg.get("data", {}).get("seq_len", 512)
+    vocab = mcfg.vocab_size if rc["vocab"] == "full" else rc["vocab_size"]
+    vocab_local = vocab // mesh.shape["model"] if sharding.RULES["vocab"] == "model" else vocab
+    logits = (rc["batch_size"] // mesh.shape["data"]) * positions * vocab_local * 4 * scored * 2  # fwd + bwd
+    out = {"mesh": dict(mesh.shape), "backbone": _bytes_per_device(backbone, sharding.state_shardings(backbone, mesh)),
+           "heads": _bytes_per_device(heads, heads_sh), "optimizer": _bytes_per_device(opt, opt_sh),
+           "logits_estimate": logits}
+    out["total"] = out["backbone"] + out["heads"] + out["optimizer"] + out["logits_estimate"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--devices", type=int, default=8, help="fake CPU devices to plan for (the TPU's device count)")
+    p.add_argument("--hbm-gib", type=float, default=16.0, help="memory per device, e.g. 16 (v5e), 32 (v4)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}")
+    import jax
+
+    from clp_jax import train_loop
+
+    try:
+        result = plan(train_loop.load_config(args.config, args.set), jax.devices()[:args.devices])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"mesh {result['mesh']} on {args.devices} devices, per device:")
+    for key in ("backbone", "heads", "optimizer", "logits_estimate", "total"):
+        print(f"  {key:16s} {result[key] / GIB:7.2f} GiB")
+    fits = result["total"] <= args.hbm_gib * GIB
+    print(f"{'fits' if fits else 'does NOT fit'} {args.hbm_gib:g} GiB per device")
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
