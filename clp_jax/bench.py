@@ -161,10 +161,7 @@ def _load_backbone(args):
 
 
 def run(args) -> int:
-    from tqdm.auto import tqdm
-
-    from clp_jax import bench_report, checkpoint, roofline
-    from clp_jax.heads import param_summary
+    from clp_jax import bench_report, checkpoint
 
     sets, modes, peers = _split(args.sets), _split(args.modes), _split(args.peers)
     for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, PEERS)):
@@ -181,12 +178,36 @@ def run(args) -> int:
     k = args.k or (heads.cfg.k if heads is not None else 1)
     samples = load_samples(backbone.tokenizer, sets, args.limit)
     configs = mode_configs(modes, taus, k, args.max_new_tokens)
+    report = measure(backbone, heads, samples, configs, peers, lookup_tokens=args.lookup_tokens,
+                     timeout=args.timeout, progress=not args.no_progress)
+    report["meta"].update(command=args.command, dtype=args.dtype, heads=heads_src)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = bench_report.markdown(report)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table)
+    bench_report.plots(report, args.out)
+    print(table)
+    return 0
+
+
+def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, DecodeConfig],
+            peers: Sequence[str] = (), lookup_tokens: int = 10, timeout: float = 10.0,
+            progress: bool = True) -> dict:
+    """Compiles every decoder, decodes each prompt with every method in turn, scores; returns the report."""
+    from tqdm.auto import tqdm
+
+    from clp_jax import roofline
+    from clp_jax.heads import param_summary
+
     decoders = {label: Decoder(backbone.model, heads, dc, backbone.eos_token_ids) for label, dc in configs.items()}
+    if "ar" not in decoders:
+        raise ValueError("The benchmark needs 'ar' among the modes: every ratio is taken against it.")
     for d in decoders.values():
         d.check_prompts([s.ids for s in samples])
-
     t_compile = time.perf_counter()
-    for d in tqdm(decoders.values(), desc="compiling", disable=args.no_progress):
+    for d in tqdm(decoders.values(), desc="compiling", disable=not progress):
         warm_up(d, samples)
     peer = None
     if peers:
@@ -196,26 +217,28 @@ def run(args) -> int:
         peer.generate(samples[0].ids, 2)  # first-call overheads
     print(f"compiled {len(decoders)} decoders in {time.perf_counter() - t_compile:.1f} s", file=sys.stderr)
 
-    runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + peers}
-    bar = tqdm(total=len(samples) * len(runs), desc="decoding", disable=args.no_progress)
+    max_new_tokens = next(iter(configs.values())).max_new_tokens
+    runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + list(peers)}
+    bar = tqdm(total=len(samples) * len(runs), desc="decoding", disable=not progress)
     for s in samples:  # every method on one prompt, then the next prompt: drifts hit all alike
         for label, d in decoders.items():
             runs[label].append(run_decoder(d, s.ids))
             bar.update()
         for name in peers:
-            r = peer.generate(s.ids, args.max_new_tokens, args.lookup_tokens if name == "hf_lookup" else 0)
+            r = peer.generate(s.ids, max_new_tokens, lookup_tokens if name == "hf_lookup" else 0)
             runs[name].append(Run(r.tokens, None, r.seconds, r.passes))
             bar.update()
     bar.close()
 
     tok = backbone.tokenizer
+    sets = list(dict.fromkeys(s.set for s in samples))
     he = [i for i, s in enumerate(samples) if s.set == "humaneval"]
     results = {}
-    for label, rs in tqdm(runs.items(), desc="scoring", disable=args.no_progress):
+    for label, rs in tqdm(runs.items(), desc="scoring", disable=not progress):
         passed = None
         if he:
             completions = [tok.decode(rs[i].tokens, skip_special_tokens=True) for i in he]
-            passed = quality.pass_at_1([samples[i].problem for i in he], completions, args.timeout)
+            passed = quality.pass_at_1([samples[i].problem for i in he], completions, timeout)
         m = summarize(rs, runs["ar"], passed)
         m["sets"] = {}
         for name in sets:
@@ -232,28 +255,20 @@ def run(args) -> int:
     ar_runs = runs["ar"]
     ar_pass = sum(r.decode_seconds for r in ar_runs) / max(sum(r.passes - 1 for r in ar_runs), 1)
     meta = {
-        "command": args.command,
+        "command": None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind,
                     "jax": jax.__version__},
-        "backbone": backbone.source, "dtype": args.dtype, "heads": heads_src,
-        "heads_params": param_summary(heads) if heads is not None else None, "k": k,
+        "backbone": backbone.source, "dtype": backbone.cfg.dtype, "heads": None,
+        "heads_params": param_summary(heads) if heads is not None else None,
+        "k": next(iter(configs.values())).k,
         "prompts": {name: sum(s.set == name for s in samples) for name in sets},
-        "max_new_tokens": args.max_new_tokens, "lookup_tokens": args.lookup_tokens,
+        "max_new_tokens": max_new_tokens, "lookup_tokens": lookup_tokens,
         "roofline": roofline.roofline(backbone.model, ar_pass),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    report = {"meta": meta, "modes": results}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    table = bench_report.markdown(report)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(table)
-    bench_report.plots(report, args.out)
-    print(table)
-    return 0
+    return {"meta": meta, "modes": results}
 
 
 if __name__ == "__main__":

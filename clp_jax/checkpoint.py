@@ -132,7 +132,8 @@ class TrainCheckpoints:
     def __init__(self, directory: str, every: int, keep: int):
         import orbax.checkpoint as ocp
 
-        self.directory = os.path.abspath(directory)
+        # local paths are made absolute; URIs such as gs://bucket/run go to Orbax as they are
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                                                  create=True))

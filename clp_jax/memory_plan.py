@@ -4,8 +4,8 @@
   python -m clp_jax.memory_plan --config configs/qwen2.5-7b.toml --devices 4 --set mesh.data=1 --set mesh.model=4
 
 The frozen backbone and the heads are built with `nnx.eval_shape`, sharded by the same rules table
-as training, the optimizer state comes from `jax.eval_shape` of the real optimizer's `init` (its shardings
-from compiling that `init` for the mesh), and each
+as training, the optimizer state comes from `jax.eval_shape` of the real optimizer's `init`, placed as the
+Trainer places it, and each
 leaf is counted by its shard shape on the mesh. The activation figure is an estimate of the largest
 term, the vocabulary logits of every scored head (kept for the backward pass).
 """
@@ -55,10 +55,8 @@ def plan(cfg: dict, devices=None) -> dict:
         if rc[key] % mesh.shape["data"]:
             raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
     heads_sh = sharding.state_shardings(heads, mesh)
-    # the optimizer state as training creates it: moments take the parameters' shardings
-    init = jax.jit(make_optimizer(TrainConfig(**cfg.get("train", {}))).init, in_shardings=(heads_sh,))
-    opt = jax.eval_shape(init, heads)
-    opt_sh = init.lower(heads).compile().output_shardings
+    opt = jax.eval_shape(make_optimizer(TrainConfig(**cfg.get("train", {}))).init, heads)
+    opt_sh = sharding.like_params(opt, heads, heads_sh)  # as the Trainer places Adam's moments
 
     scored = hc.k * (2 if hc.gate else 1)  # MTP heads (+ gate heads), one [B, P, V] logits each
     positions = rc["positions_per_row"] or cfg.get("data", {}).get("seq_len", 512)

@@ -73,3 +73,17 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over `data`, the rest replicated."""
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+def like_params(tree, params, param_shardings):
+    """Shardings for `tree` (e.g. an optimizer state): every subtree shaped like `params` (Adam's moments)
+    takes `param_shardings`, every other leaf (step counters) is replicated."""
+    treedef = jax.tree.structure(params)
+    shardings = jax.tree.leaves(param_shardings)
+    mesh = shardings[0].mesh
+
+    def is_params(x):
+        return jax.tree.structure(x) == treedef
+
+    return jax.tree.map(lambda x: jax.tree.unflatten(treedef, shardings) if is_params(x)
+                        else NamedSharding(mesh, P()), tree, is_leaf=is_params)

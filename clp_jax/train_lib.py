@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -155,12 +156,11 @@ class Trainer:
             params = jax.device_put(params, self._param_sh)
             bb_state = jax.device_put(bb_state, bb_sh)
         self.params, self.bb_state = params, bb_state
-        self.opt_state = jax.jit(self.optimizer.init)(params)  # moments follow the parameters' shardings
-        if mesh is not None:  # scalars (step counts) come back on one device: replicate them
-            replicated = NamedSharding(mesh, P())
-            self.opt_state = jax.tree.map(
-                lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-                self.opt_state)
+        if mesh is None:
+            self.opt_state = jax.jit(self.optimizer.init)(params)
+        else:  # Adam's moments take their parameter's sharding (XLA would replicate the zeros)
+            opt_sh = sharding.like_params(jax.eval_shape(self.optimizer.init, params), params, self._param_sh)
+            self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_sh)(params)
         self.step_count = 0
         self._step = self._compile_step()
         self._eval = {}
@@ -198,7 +198,12 @@ class Trainer:
             B, T = batch["tokens"].shape
             batch = {**batch, "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
         if self.mesh is not None:
-            batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, jnp.ndim(v))) for k, v in batch.items()}
+            if jax.process_count() > 1:  # multi-host: each process holds its own rows of the global batch
+                batch = {k: jax.make_array_from_process_local_data(
+                    sharding.batch_sharding(self.mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()}
+            else:
+                batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, jnp.ndim(v)))
+                         for k, v in batch.items()}
         return batch
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:

@@ -155,7 +155,8 @@ def ensure_dir(path: str) -> str:
 SECTIONS = ("model", "heads", "data", "train", "mesh", "run")
 RUN_DEFAULTS = dict(out_dir="runs/demo", steps=200, batch_size=8, positions_per_row=16, vocab="corpus",
                     vocab_size=16384, seed=0, save_every=50, keep=3, gen_batch_size=8, eval_batch_size=8,
-                    clp_fraction=0.25, clp_steps=0, clp_positions_per_row=4, clp_learning_rate=3e-3)
+                    clp_fraction=0.25, clp_steps=0, clp_positions_per_row=4, clp_learning_rate=3e-3,
+                    checkpoint_dir="")  # checkpoint_dir: Orbax training checkpoints, e.g. gs://bucket/run (default out_dir)
 
 
 def load_config(path: str, overrides: list[str] = ()) -> dict:
@@ -204,6 +205,10 @@ def run(cfg: dict, progress: bool = True) -> dict:
     for key in ("batch_size", "eval_batch_size"):
         if mesh is not None and rc[key] % mesh.shape["data"]:
             raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
+        if rc[key] % jax.process_count():
+            raise ValueError(f"run.{key}={rc[key]} does not divide the {jax.process_count()} processes.")
+    # batch sizes are global; on a multi-host pod each process loads its share from its own data shard
+    local_batch, local_eval_batch = (rc[key] // jax.process_count() for key in ("batch_size", "eval_batch_size"))
     model_cfg = cfg.get("model", {})
     backbone = load_backbone(model_cfg.get("name", "demo"), dtype=model_cfg.get("dtype", "float32"),
                              progress=progress)
@@ -241,8 +246,9 @@ def run(cfg: dict, progress: bool = True) -> dict:
     heads_src = data_lib.Subset(train_src, 0, len(train_src) - n_clp)
     t0 = time.perf_counter()
     trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
-    with TrainCheckpoints(os.path.join(out_dir, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:
-        history = fit(trainer, heads_src, steps=rc["steps"], batch_size=rc["batch_size"], seed=rc["seed"],
+    ckpt_root = rc["checkpoint_dir"] or out_dir
+    with TrainCheckpoints(os.path.join(ckpt_root, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:
+        history = fit(trainer, heads_src, steps=rc["steps"], batch_size=local_batch, seed=rc["seed"],
                       hidden_fn=hidden_train, ckpts=ckpts, meta=meta, progress=progress,
                       log_path=os.path.join(out_dir, "metrics.jsonl"), positions_per_row=rc["positions_per_row"],
                       tensorboard_dir=os.path.join(out_dir, "tensorboard"))
@@ -250,13 +256,13 @@ def run(cfg: dict, progress: bool = True) -> dict:
         clp_src = data_lib.Subset(train_src, len(train_src) - n_clp, len(train_src))
         tc_clp = dataclasses.replace(tc, phase="clp", learning_rate=rc["clp_learning_rate"])
         trainer = Trainer(backbone.model, trainer.heads(), tc_clp, mesh)  # full vocabulary: honest L*
-        with TrainCheckpoints(os.path.join(out_dir, "checkpoints_clp"), rc["save_every"], rc["keep"]) as ckpts:
-            history += fit(trainer, clp_src, steps=rc["clp_steps"], batch_size=rc["batch_size"], seed=rc["seed"],
+        with TrainCheckpoints(os.path.join(ckpt_root, "checkpoints_clp"), rc["save_every"], rc["keep"]) as ckpts:
+            history += fit(trainer, clp_src, steps=rc["clp_steps"], batch_size=local_batch, seed=rc["seed"],
                            hidden_fn=lambda idx, b: hidden_train(idx + clp_src.offset, b), ckpts=ckpts,
                            meta=meta, progress=progress, log_path=os.path.join(out_dir, "metrics_clp.jsonl"),
                            positions_per_row=rc["clp_positions_per_row"])
     seconds = time.perf_counter() - t0
-    result = evaluate(trainer, val_src, batch_size=rc["eval_batch_size"], hidden_fn=hidden_val)
+    result = evaluate(trainer, val_src, batch_size=local_eval_batch, hidden_fn=hidden_val)
     result.update(train_seconds=seconds, steps_run=len(history),
                   train_tokens_per_second=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
                   records_train=len(train_src), records_validation=len(val_src))

@@ -21,7 +21,8 @@ def test_tpu_config_divides_its_mesh_and_fits_16_gib(path):
 
     plan = memory_plan.plan(train_loop.load_config(path), jax.devices())
     assert plan["mesh"]["data"] * plan["mesh"]["model"] == 8
-    assert plan["backbone"] > 0 and plan["optimizer"] > 2 * plan["heads"] * 0.99  # Adam: two moments
+    assert plan["backbone"] > 0
+    assert plan["optimizer"] == pytest.approx(2 * plan["heads"], rel=0.01)  # Adam: two moments, sharded alike
     assert plan["total"] <= 16 * memory_plan.GIB, plan
 
 

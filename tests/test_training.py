@@ -55,6 +55,9 @@ def test_sharded_step_equals_unsharded(model):
         assert abs(m1["loss"] - m2["loss"]) < 1e-5
     w = sharded.params["mtp"]["w"]
     assert w.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    # Adam's moments are sharded like their parameters (the zeros would otherwise come out replicated)
+    specs = {x.sharding.spec for x in jax.tree.leaves(sharded.opt_state) if x.shape == w.shape}
+    assert specs == {jax.sharding.PartitionSpec(None, None, "model")}
     for a, b in zip(_leaves(plain.params), _leaves(sharded.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
