@@ -28,7 +28,8 @@ def backbone_fingerprint(cfg: ModelConfig) -> dict:
             "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads}
 
 
-def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig, extra: dict | None = None) -> None:
+def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra: dict | None = None) -> None:
+    """Writes heads.json and params/; `backbone_cfg` is the backbone's config or its fingerprint."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -38,7 +39,8 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig, extra: dict |
         ckpt.save(os.path.join(path, _PARAMS), state, force=True)
     with open(os.path.join(path, _META), "w") as f:
         json.dump({"heads_config": json.loads(heads.cfg.to_json()),
-                   "backbone": backbone_fingerprint(backbone_cfg), **(extra or {})}, f, indent=1)
+                   "backbone": backbone_cfg if isinstance(backbone_cfg, dict) else backbone_fingerprint(backbone_cfg),
+                   **(extra or {})}, f, indent=1)
 
 
 def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
@@ -74,6 +76,23 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(heads, state)
     return heads
+
+
+def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
+    """Copies a heads checkpoint with its parameters cast to `dtype` (e.g. bf16 to ship them at half
+    the size); heads.json keeps the backbone fingerprint and every extra field (evaluation, ...)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    heads = load_heads(src)
+    with open(os.path.join(os.path.abspath(os.path.expanduser(src)), _META)) as f:
+        meta = json.load(f)
+    out = Heads(dataclasses.replace(heads.cfg, param_dtype=dtype), rngs=nnx.Rngs(0))
+    nnx.update(out, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), nnx.state(heads, nnx.Param)))
+    extra = {k: v for k, v in meta.items() if k not in ("heads_config", "backbone")}
+    save_heads(dst, out, meta["backbone"], {**extra, "exported_from": os.path.abspath(src)})
+    return out
 
 
 SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "shipped")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.checkpoint import CheckpointError, heads_source, load_heads, save_heads
+from clp_jax.checkpoint import CheckpointError, export_heads, heads_source, load_heads, save_heads
 
 from helpers import random_heads, tiny_config
 
@@ -21,6 +21,24 @@ def test_heads_round_trip(tmp_path):
     assert restored.cfg == heads.cfg
     for a, b in zip(jax.tree.leaves(nnx.state(heads, nnx.Param)), jax.tree.leaves(nnx.state(restored, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_to_bf16_keeps_metadata_and_decodes_alike(tmp_path):
+    """Shipping casts the parameters to bf16; the copy keeps the fingerprint and extras, and its head
+    states and CLP logits stay within bf16 rounding of the fp32 heads'."""
+    cfg = tiny_config()
+    heads = random_heads(cfg, 2)
+    save_heads(str(tmp_path / "h"), heads, cfg, {"eval": {"head1_acc": 0.5}})
+    export_heads(str(tmp_path / "h"), str(tmp_path / "s"))
+    shipped = load_heads(str(tmp_path / "s"), cfg)  # fingerprint still matches
+    assert shipped.cfg.param_dtype == "bfloat16"
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(nnx.state(shipped, nnx.Param)))
+    meta = json.loads((tmp_path / "s" / "heads.json").read_text())
+    assert meta["eval"] == {"head1_acc": 0.5}
+    h = jax.random.normal(jax.random.key(0), (4, cfg.hidden_size))
+    np.testing.assert_allclose(shipped.mtp(h), heads.mtp(h), rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(shipped.clp(h), heads.clp(h), rtol=0.05, atol=0.1)
+    assert not np.allclose(shipped.mtp(h), h[:, None])  # the heads are not a no-op
 
 
 def test_heads_for_another_backbone_are_refused(tmp_path):
