@@ -1,7 +1,8 @@
 """Heads checkpoints: the small trained add-ons, stored with Orbax apart from the backbone.
 
 A heads checkpoint is a directory holding `heads.json` (the HeadsConfig and a fingerprint of the
-backbone it was trained for) and `params/` (an Orbax PyTree checkpoint of the heads' parameters).
+backbone it was trained for), `params/` (an Orbax PyTree checkpoint of the heads' parameters) and,
+for heads trained on a sub-vocabulary, `draft_vocab.npy` (the token ids their drafts come from).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 
 import jax
+import numpy as np
 from flax import nnx
 
 from clp_jax.config import ModelConfig
@@ -17,6 +19,7 @@ from clp_jax.heads import Heads, HeadsConfig
 
 _META = "heads.json"
 _PARAMS = "params"
+_VOCAB = "draft_vocab.npy"  # optional: the token ids the heads draft from
 
 
 class CheckpointError(ValueError):
@@ -37,6 +40,11 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
     state = nnx.to_pure_dict(nnx.state(heads, nnx.Param))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(path, _PARAMS), state, force=True)
+    vocab_path = os.path.join(path, _VOCAB)
+    if heads.draft_vocab is not None:
+        np.save(vocab_path, np.asarray(heads.draft_vocab[...], np.int32))
+    elif os.path.exists(vocab_path):
+        os.remove(vocab_path)
     with open(os.path.join(path, _META), "w") as f:
         json.dump({"heads_config": json.loads(heads.cfg.to_json()),
                    "backbone": backbone_cfg if isinstance(backbone_cfg, dict) else backbone_fingerprint(backbone_cfg),
@@ -64,7 +72,17 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
         raise CheckpointError(
             f"Heads in {path!r} were trained for another backbone ({meta.get('backbone')}); this backbone "
             f"is {backbone_fingerprint(backbone_cfg)}.")
-    heads = Heads(cfg, rngs=nnx.Rngs(0))
+    draft_vocab = None
+    if os.path.exists(os.path.join(path, _VOCAB)):
+        try:
+            draft_vocab = np.load(os.path.join(path, _VOCAB))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{os.path.join(path, _VOCAB)} is corrupt ({e}).") from e
+        if (draft_vocab.ndim != 1 or not np.issubdtype(draft_vocab.dtype, np.integer) or draft_vocab.size == 0
+                or draft_vocab.min() < 0 or draft_vocab.max() >= cfg.vocab_size):
+            raise CheckpointError(f"{os.path.join(path, _VOCAB)} is not a list of token ids below "
+                                  f"{cfg.vocab_size}.")
+    heads = Heads(cfg, rngs=nnx.Rngs(0), draft_vocab=draft_vocab)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             nnx.to_pure_dict(nnx.state(heads, nnx.Param)))
     try:
@@ -88,7 +106,8 @@ def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
     heads = load_heads(src)
     with open(os.path.join(os.path.abspath(os.path.expanduser(src)), _META)) as f:
         meta = json.load(f)
-    out = Heads(dataclasses.replace(heads.cfg, param_dtype=dtype), rngs=nnx.Rngs(0))
+    out = Heads(dataclasses.replace(heads.cfg, param_dtype=dtype), rngs=nnx.Rngs(0),
+                draft_vocab=None if heads.draft_vocab is None else heads.draft_vocab[...])
     nnx.update(out, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), nnx.state(heads, nnx.Param)))
     extra = {k: v for k, v in meta.items() if k not in ("heads_config", "backbone")}
     save_heads(dst, out, meta["backbone"], {**extra, "exported_from": os.path.abspath(src)})

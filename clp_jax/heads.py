@@ -96,6 +96,9 @@ class Gate(nnx.Module):
         return self.fc2(jax.nn.silu(self.fc1(h))).astype(jnp.float32)
 
 
+NEG_LOGIT = -1e30  # finite: softmax and sampling stay NaN-free
+
+
 class Proposal(NamedTuple):
     """What a drafter offers at one position n (all computed from h_n)."""
 
@@ -106,11 +109,17 @@ class Proposal(NamedTuple):
 
 
 class Heads(nnx.Module):
-    """Every trainable add-on of one backbone, checkpointed apart from it."""
+    """Every trainable add-on of one backbone, checkpointed apart from it.
 
-    def __init__(self, cfg: HeadsConfig, *, rngs: nnx.Rngs):
+    `draft_vocab` [U] (optional, int32) restricts the heads' drafts to the token ids they were trained
+    to score (the training sub-vocabulary): their output projection then reads U columns instead of
+    the whole vocabulary. The backbone's own tokens (t1, verification) always use the full vocabulary.
+    """
+
+    def __init__(self, cfg: HeadsConfig, *, rngs: nnx.Rngs, draft_vocab=None):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
+        self.draft_vocab = None if draft_vocab is None else nnx.Variable(jnp.asarray(draft_vocab, jnp.int32))
         self.mtp = MTPHeads(cfg.hidden_size, cfg.k, conditioned=cfg.conditioned, param_dtype=pd, rngs=rngs)
         self.clp = CLP(cfg.hidden_size, cfg.k, param_dtype=pd, rngs=rngs)
         if cfg.gate:
@@ -132,22 +141,34 @@ class Heads(nnx.Module):
         if self.cfg.conditioned:
             t1_logits = backbone.logits(h)
             t1_embed = backbone.embed(jnp.argmax(t1_logits, axis=-1))
-            draft_logits = backbone.logits(self.mtp(h, t1_embed, k))
-        elif need_t1:
+            draft_logits = self.draft_logits(backbone, self.mtp(h, t1_embed, k))
+        elif need_t1 and self.draft_vocab is None:
             states = self.mtp(h, None, k)  # [B, k, D]
             logits = backbone.logits(jnp.concatenate([h[:, None, :], states], axis=1))  # [B, 1+k, V]
             t1_logits, draft_logits = logits[:, 0], logits[:, 1:]
         else:
-            draft_logits = backbone.logits(self.mtp(h, None, k))  # [B, k, V]
+            t1_logits = backbone.logits(h) if need_t1 else None
+            draft_logits = self.draft_logits(backbone, self.mtp(h, None, k))  # [B, k, V]
         return Proposal(t1_logits, draft_logits, self.clp(h))
+
+    def draft_logits(self, backbone, states: jax.Array) -> jax.Array:
+        """Head states [B, J, D] -> logits [B, J, V]; outside `draft_vocab` a finite -1e30."""
+        if self.draft_vocab is None:
+            return backbone.logits(states)
+        vocab = self.draft_vocab[...]
+        sub = backbone.logits(states, vocab)  # [B, J, U]
+        full = jnp.full(sub.shape[:-1] + (backbone.cfg.vocab_size,), NEG_LOGIT, sub.dtype)
+        return full.at[..., vocab].set(sub)
 
     def propose_gate(self, backbone, h: jax.Array, k: int) -> Proposal:
         """Gate baseline: k heads for n+1 .. n+k (head 1 competes with the LM head) and accept logits."""
         if self.gate is None:
             raise ValueError("These heads were built without the gate baseline (HeadsConfig.gate=False).")
         states = self.gate_heads(h, None, k)
-        logits = backbone.logits(jnp.concatenate([h[:, None, :], states], axis=1))
-        return Proposal(logits[:, 0], logits[:, 1:], self.gate(h)[:, :k])
+        if self.draft_vocab is None:
+            logits = backbone.logits(jnp.concatenate([h[:, None, :], states], axis=1))
+            return Proposal(logits[:, 0], logits[:, 1:], self.gate(h)[:, :k])
+        return Proposal(backbone.logits(h), self.draft_logits(backbone, states), self.gate(h)[:, :k])
 
 
 def count_params(module: nnx.Module) -> int:

@@ -266,7 +266,10 @@ def run(cfg: dict, progress: bool = True) -> dict:
     result.update(train_seconds=seconds, steps_run=len(history),
                   train_tokens_per_second=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
                   records_train=len(train_src), records_validation=len(val_src))
-    checkpoint.save_heads(os.path.join(out_dir, "heads"), trainer.heads(), backbone.cfg, {"eval": result})
+    final = trainer.heads()
+    if vocab is not None:  # the heads learnt to score these ids only: decoding drafts from them
+        final.draft_vocab = nnx.Variable(jnp.asarray(vocab, jnp.int32))
+    checkpoint.save_heads(os.path.join(out_dir, "heads"), final, backbone.cfg, {"eval": result})
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))

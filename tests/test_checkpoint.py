@@ -41,6 +41,23 @@ def test_export_to_bf16_keeps_metadata_and_decodes_alike(tmp_path):
     assert not np.allclose(shipped.mtp(h), h[:, None])  # the heads are not a no-op
 
 
+def test_draft_vocabulary_round_trip_and_corruption(tmp_path):
+    from clp_jax.heads import Heads
+
+    cfg = tiny_config()
+    heads = Heads(random_heads(cfg, 2).cfg, rngs=nnx.Rngs(0), draft_vocab=np.array([1, 5, 9]))
+    save_heads(str(tmp_path / "h"), heads, cfg)
+    export_heads(str(tmp_path / "h"), str(tmp_path / "s"))
+    for name in ("h", "s"):
+        np.testing.assert_array_equal(load_heads(str(tmp_path / name), cfg).draft_vocab[...], [1, 5, 9])
+    np.save(tmp_path / "h" / "draft_vocab.npy", np.array([1, 500]))  # beyond the vocabulary
+    with pytest.raises(CheckpointError, match="token ids"):
+        load_heads(str(tmp_path / "h"), cfg)
+    (tmp_path / "h" / "draft_vocab.npy").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_heads(str(tmp_path / "h"), cfg)
+
+
 def test_heads_for_another_backbone_are_refused(tmp_path):
     cfg = tiny_config()
     save_heads(str(tmp_path / "h"), random_heads(cfg, 2), cfg)

@@ -30,11 +30,13 @@ def main():
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--draft-vocab", type=int, default=0, help="heads draft from this many ids (0: all)")
     args = p.parse_args()
     cfg = known_geometry(GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
     model = Qwen2(cfg, rngs=nnx.Rngs(0))
     heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=args.k,
-                              param_dtype=args.dtype), rngs=nnx.Rngs(0))
+                              param_dtype=args.dtype), rngs=nnx.Rngs(0),
+                  draft_vocab=range(args.draft_vocab) if args.draft_vocab else None)
     prompts = [list(range(100, 140))] * args.batch
     print(f"device {jax.devices()[0].device_kind}, {args.geometry}, {args.dtype}, batch {args.batch}, k {args.k}")
     base = None
