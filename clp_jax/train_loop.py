@@ -35,11 +35,11 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
         restored = ckpts.restore(trainer.params, trainer.opt_state)
         if restored is not None:
             step, params, opt_state, saved_meta = restored
-            for key in ("heads_config", "backbone"):
+            for key in ("heads_config", "backbone", "data", "train"):  # run.steps may grow: not compared
                 if key in meta and saved_meta.get(key) != meta[key]:
                     raise CheckpointError(f"The checkpoint in {ckpts.directory} was made with another "
                                           f"{key} ({saved_meta.get(key)}); this run has {meta[key]}. "
-                                          "Use a new output directory.")
+                                          "Use a new run.out_dir, or restore the settings of that run.")
             trainer.params, trainer.opt_state, trainer.step_count = params, opt_state, step
     history = []
     log = open(log_path, "a") if log_path else None
@@ -141,8 +141,14 @@ def cached_hidden_fn(model, source, batch_size: int = 8, progress: bool = True, 
     return lambda idx, batch: jnp.asarray(table[idx])
 
 
-def run_meta(heads_cfg, backbone_cfg) -> dict:
-    return {"heads_config": json.loads(heads_cfg.to_json()), "backbone": backbone_fingerprint(backbone_cfg)}
+def run_meta(heads_cfg, backbone_cfg, data: dict | None = None, train=None) -> dict:
+    """What a resumed run must share with its checkpoint: heads, backbone, data order and optimisation."""
+    meta = {"heads_config": json.loads(heads_cfg.to_json()), "backbone": backbone_fingerprint(backbone_cfg)}
+    if data is not None:
+        meta["data"] = data
+    if train is not None:
+        meta["train"] = dataclasses.asdict(train)
+    return meta
 
 
 def ensure_dir(path: str) -> str:
@@ -240,7 +246,10 @@ def run(cfg: dict, progress: bool = True) -> dict:
                                     path=os.path.join(hidden_dir, f"train-{backbone.cfg.dtype}.npy"))
     hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress,
                                   path=os.path.join(hidden_dir, f"validation-{backbone.cfg.dtype}.npy"))
-    meta = run_meta(hc, backbone.cfg)
+    data_meta = {"dataset": name, "batch_size": rc["batch_size"], "seed": rc["seed"], "vocab": rc["vocab"],
+                 "vocab_size": rc["vocab_size"], "positions_per_row": rc["positions_per_row"],
+                 "clp_fraction": rc["clp_fraction"] if rc["clp_steps"] else 0}
+    meta = run_meta(hc, backbone.cfg, data_meta, tc)
     # Phase 2 (clp_steps > 0) trains the CLP on records the heads never saw, with full-vocabulary labels
     n_clp = int(len(train_src) * rc["clp_fraction"]) if rc["clp_steps"] else 0
     heads_src = data_lib.Subset(train_src, 0, len(train_src) - n_clp)
@@ -259,7 +268,8 @@ def run(cfg: dict, progress: bool = True) -> dict:
         with TrainCheckpoints(os.path.join(ckpt_root, "checkpoints_clp"), rc["save_every"], rc["keep"]) as ckpts:
             history += fit(trainer, clp_src, steps=rc["clp_steps"], batch_size=local_batch, seed=rc["seed"],
                            hidden_fn=lambda idx, b: hidden_train(idx + clp_src.offset, b), ckpts=ckpts,
-                           meta=meta, progress=progress, log_path=os.path.join(out_dir, "metrics_clp.jsonl"),
+                           meta=run_meta(hc, backbone.cfg, {**data_meta, "positions_per_row": rc["clp_positions_per_row"]},
+                                         tc_clp), progress=progress, log_path=os.path.join(out_dir, "metrics_clp.jsonl"),
                            positions_per_row=rc["clp_positions_per_row"])
     seconds = time.perf_counter() - t0
     result = evaluate(trainer, val_src, batch_size=local_eval_batch, hidden_fn=hidden_val)

@@ -1,5 +1,7 @@
 """The training loop: interrupted and resumed runs equal an uninterrupted one."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -56,6 +58,26 @@ def test_resume_refuses_other_heads(setting, tmp_path):
     other, other_heads = _trainer(model, k=3)
     with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, pytest.raises((CheckpointError, ValueError)):
         fit(other, source, steps=4, ckpts=ckpts, meta=run_meta(other_heads.cfg, model.cfg), **kw)
+
+
+def test_resume_refuses_other_data_or_optimisation(setting, tmp_path):
+    """A run resumed with another dataset, batch order or learning rate would mix two runs: refused.
+    More steps are fine."""
+    model, source, hidden = setting
+    kw = dict(batch_size=4, seed=1, hidden_fn=hidden, progress=False)
+    data = {"dataset": "v1", "batch_size": 4, "seed": 1}
+    trainer, heads = _trainer(model)
+    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts:
+        fit(trainer, source, steps=2, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg, data, trainer.tc), **kw)
+    for other_data, tc in (({**data, "dataset": "v2"}, trainer.tc),
+                           (data, dataclasses.replace(trainer.tc, learning_rate=0.5))):
+        again, _ = _trainer(model)
+        with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, pytest.raises(CheckpointError, match="out_dir"):
+            fit(again, source, steps=4, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg, other_data, tc), **kw)
+    again, _ = _trainer(model)
+    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts:
+        fit(again, source, steps=4, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg, data, trainer.tc), **kw)
+    assert again.step_count == 4
 
 
 def test_load_config_with_overrides(tmp_path):
