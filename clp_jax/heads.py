@@ -128,6 +128,12 @@ class Heads(nnx.Module):
         else:
             self.gate_heads = self.gate = None
 
+    def with_draft_vocab(self, draft_vocab) -> "Heads":
+        """The same heads (parameters shared by value) drafting from `draft_vocab` [U] (None: everything)."""
+        out = Heads(self.cfg, rngs=nnx.Rngs(0), draft_vocab=draft_vocab)
+        nnx.update(out, nnx.state(self, nnx.Param))
+        return out
+
     def propose(self, backbone, h: jax.Array, k: int, position: jax.Array | None = None,
                 need_t1: bool = True) -> Proposal:
         """MTP drafts and CLP logits at h [B, D] (the state at `position` [B]), using the first k heads.

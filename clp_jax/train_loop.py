@@ -99,10 +99,13 @@ def sample_positions(mask: np.ndarray, n: int, seed: int, step: int) -> np.ndarr
     return out
 
 
-def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn, full_vocab: bool = True) -> dict:
+def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn, full_vocab: bool = True,
+             progress: bool = False) -> dict:
     """Token-weighted held-out metrics over a whole split: per-head agreement, CLP accuracy, losses."""
+    from tqdm.auto import tqdm
+
     totals, weight, confusion = {}, 0, 0
-    for start in range(0, len(source), batch_size):
+    for start in tqdm(range(0, len(source), batch_size), desc="evaluating", disable=not progress):
         idx = np.arange(start, min(start + batch_size, len(source)))
         batch = data_lib.get_batch(source, idx)
         batch["hidden"] = hidden_fn(idx, batch)
@@ -272,13 +275,13 @@ def run(cfg: dict, progress: bool = True) -> dict:
                                          tc_clp), progress=progress, log_path=os.path.join(out_dir, "metrics_clp.jsonl"),
                            positions_per_row=rc["clp_positions_per_row"])
     seconds = time.perf_counter() - t0
-    result = evaluate(trainer, val_src, batch_size=local_eval_batch, hidden_fn=hidden_val)
+    result = evaluate(trainer, val_src, batch_size=local_eval_batch, hidden_fn=hidden_val, progress=progress)
     result.update(train_seconds=seconds, steps_run=len(history),
                   train_tokens_per_second=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
                   records_train=len(train_src), records_validation=len(val_src))
     final = trainer.heads()
     if vocab is not None:  # the heads learnt to score these ids only: decoding drafts from them
-        final.draft_vocab = nnx.Variable(jnp.asarray(vocab, jnp.int32))
+        final = final.with_draft_vocab(vocab)
     checkpoint.save_heads(os.path.join(out_dir, "heads"), final, backbone.cfg, {"eval": result})
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

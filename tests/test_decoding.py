@@ -111,16 +111,6 @@ def test_clp_with_wrong_drafts_differs_from_ar(model, prompts, ar_tokens):
     assert out.tokens != ar_tokens and out.tokens_per_pass > 3.0
 
 
-def _with_vocab(heads, vocab):
-    from flax import nnx
-
-    from clp_jax.heads import Heads
-
-    out = Heads(heads.cfg, rngs=nnx.Rngs(0), draft_vocab=vocab)
-    nnx.update(out, nnx.state(heads, nnx.Param))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["clp", "gate", "verify"])
 def test_drafts_come_from_the_draft_vocabulary(model, prompts, ar_tokens, mode):
     """Heads with a draft vocabulary only ever propose its ids, verify stays exact, and a vocabulary
@@ -130,18 +120,18 @@ def test_drafts_come_from_the_draft_vocabulary(model, prompts, ar_tokens, mode):
     heads.gate.fc2.bias[...] = jnp.full((3,), 100.0)  # gate: every token comes from a gate head
     vocab = np.arange(0, 128, 3)  # every third id
     dc = DecodeConfig(mode=mode, k=3, max_new_tokens=NEW)
-    out = Decoder(model, _with_vocab(heads, vocab), dc).generate(prompts)
+    out = Decoder(model, heads.with_draft_vocab(vocab), dc).generate(prompts)
     for row in out.tokens:
         drafts = {"clp": [t for i, t in enumerate(row) if i % 4], "gate": row, "verify": []}[mode]
         assert set(drafts) <= set(vocab.tolist())
     if mode == "verify":
         assert out.tokens == ar_tokens
         sampled = DecodeConfig(mode=mode, k=3, max_new_tokens=NEW, sampling=SamplingConfig(temperature=1.0))
-        st = Decoder(model, _with_vocab(heads, vocab), sampled).start(prompts)
+        st = Decoder(model, heads.with_draft_vocab(vocab), sampled).start(prompts)
         length, buf = np.asarray(st.length), np.asarray(st.buf)
         pending = [buf[b, length[b]:length[b] + 3] for b in range(len(prompts))]
         assert set(np.concatenate(pending).tolist()) <= set(vocab.tolist())
-    every = Decoder(model, _with_vocab(heads, np.arange(128)), dc).generate(prompts).tokens
+    every = Decoder(model, heads.with_draft_vocab(np.arange(128)), dc).generate(prompts).tokens
     assert every == Decoder(model, heads, dc).generate(prompts).tokens
 
 

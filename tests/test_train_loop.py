@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -126,3 +127,19 @@ def test_hidden_states_cached_on_disk(setting, tmp_path):
     idx = np.array([3, 0, 7])
     again = cached_hidden_fn(None, source, progress=False, path=path)  # no model needed: read from disk
     np.testing.assert_array_equal(np.asarray(first(idx, None)), np.asarray(again(idx, None)))
+
+
+def test_trained_heads_keep_their_draft_vocabulary(setting, tmp_path):
+    """What run() saves: the trainer's heads with the training sub-vocabulary as their draft vocabulary."""
+    from clp_jax.checkpoint import load_heads, save_heads
+
+    model, source, hidden = setting
+    vocab = np.arange(0, 128, 2)
+    heads = Heads(HeadsConfig(hidden_size=64, vocab_size=128, k=2), rngs=nnx.Rngs(0))
+    trainer = Trainer(model, heads, TrainConfig(learning_rate=1e-2, warmup_steps=2), vocab=vocab)
+    fit(trainer, source, steps=2, batch_size=4, seed=1, hidden_fn=hidden, progress=False)
+    save_heads(str(tmp_path / "heads"), trainer.heads().with_draft_vocab(vocab), model.cfg)
+    restored = load_heads(str(tmp_path / "heads"), model.cfg)
+    np.testing.assert_array_equal(restored.draft_vocab[...], vocab)
+    for a, b in zip(jax.tree.leaves(nnx.state(trainer.heads(), nnx.Param)), jax.tree.leaves(nnx.state(restored, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
