@@ -66,8 +66,9 @@ def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Samp
     return samples
 
 
-def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int) -> dict[str, DecodeConfig]:
-    """Label -> DecodeConfig; confadapt runs once per tau."""
+def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int,
+                 verify_ks: Sequence[int] = ()) -> dict[str, DecodeConfig]:
+    """Label -> DecodeConfig; confadapt runs once per tau, verify also at each of `verify_ks` heads."""
     out = {}
     for mode in ("ar",) + tuple(m for m in modes if m != "ar"):
         if mode == "confadapt":
@@ -75,6 +76,10 @@ def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_to
                 out[f"confadapt@{tau:g}"] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens, tau=tau)
         else:
             out[mode] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens)
+        if mode == "verify":
+            for kk in verify_ks:
+                if kk != k:
+                    out[f"verify@k{kk}"] = DecodeConfig(mode=mode, k=kk, max_new_tokens=max_new_tokens)
     return out
 
 
@@ -132,6 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None, help="heads used (default: all the checkpoint has)")
     p.add_argument("--modes", default="ar,clp,verify,confadapt,gate")
     p.add_argument("--taus", default="0.5,0.7,0.9", help="confadapt thresholds (a sweep)")
+    p.add_argument("--verify-ks", default="", help="also run verify with these numbers of heads, e.g. 1,2")
     p.add_argument("--peers", default="hf_greedy,hf_lookup", help="transformers peers, or 'none'")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_lookup")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test run")
@@ -177,7 +183,10 @@ def run(args) -> int:
     heads = checkpoint.build_heads(heads_src, backbone.cfg, args.k)
     k = args.k or (heads.cfg.k if heads is not None else 1)
     samples = load_samples(backbone.tokenizer, sets, args.limit)
-    configs = mode_configs(modes, taus, k, args.max_new_tokens)
+    verify_ks = [int(x) for x in _split(args.verify_ks)]
+    if heads is not None and any(not 1 <= x <= heads.cfg.k for x in verify_ks):
+        raise ValueError(f"--verify-ks must lie in 1..{heads.cfg.k} (the heads provided).")
+    configs = mode_configs(modes, taus, k, args.max_new_tokens, verify_ks)
     report = measure(backbone, heads, samples, configs, peers, lookup_tokens=args.lookup_tokens,
                      timeout=args.timeout, progress=not args.no_progress)
     report["meta"].update(command=args.command, dtype=args.dtype, heads=heads_src)

@@ -110,7 +110,7 @@ def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
                 draft_vocab=None if heads.draft_vocab is None else heads.draft_vocab[...])
     nnx.update(out, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), nnx.state(heads, nnx.Param)))
     extra = {k: v for k, v in meta.items() if k not in ("heads_config", "backbone")}
-    save_heads(dst, out, meta["backbone"], {**extra, "exported_from": os.path.abspath(src)})
+    save_heads(dst, out, meta["backbone"], {**extra, "exported_from": src})
     return out
 
 
