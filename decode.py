@@ -28,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--tau", type=float, default=0.9, help="confadapt confidence threshold")
+    p.add_argument("--clp-confidence", type=float, default=None,
+                   help="clp: accept the most heads l with P(L* >= l) >= this under the CLP (default: argmax)")
     p.add_argument("--verify-drafts", choices=("all", "clp"), default="all")
     p.add_argument("--adaptive-width", action="store_true",
                    help="feed only the slots a step needs (worth it where wide passes cost more, e.g. CPU)")
@@ -63,7 +65,8 @@ def run(args) -> int:
     heads = checkpoint.build_heads(heads_source, backbone.cfg, args.k)
     k = args.k or (heads.cfg.k if heads is not None else 1)
     dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
-                      tau=args.tau, verify_drafts=args.verify_drafts, max_cache_len=args.max_cache_len,
+                      tau=args.tau, clp_confidence=args.clp_confidence, verify_drafts=args.verify_drafts,
+                      max_cache_len=args.max_cache_len,
                       adaptive_width=args.adaptive_width)
     decoder = Decoder(backbone.model, heads, dc, backbone.eos_token_ids)
     tok = backbone.tokenizer

@@ -67,8 +67,9 @@ def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Samp
 
 
 def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int,
-                 verify_ks: Sequence[int] = ()) -> dict[str, DecodeConfig]:
-    """Label -> DecodeConfig; confadapt runs once per tau, verify also at each of `verify_ks` heads."""
+                 verify_ks: Sequence[int] = (), clp_confidences: Sequence[float] = ()) -> dict[str, DecodeConfig]:
+    """Label -> DecodeConfig; confadapt runs once per tau, verify also at each of `verify_ks` heads, clp
+    also with each CLP confidence margin."""
     out = {}
     for mode in ("ar",) + tuple(m for m in modes if m != "ar"):
         if mode == "confadapt":
@@ -76,6 +77,9 @@ def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_to
                 out[f"confadapt@{tau:g}"] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens, tau=tau)
         else:
             out[mode] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens)
+        if mode == "clp":
+            for c in clp_confidences:
+                out[f"clp@p{c:g}"] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens, clp_confidence=c)
         if mode == "verify":
             for kk in verify_ks:
                 if kk != k:
@@ -138,6 +142,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="ar,clp,verify,confadapt,gate")
     p.add_argument("--taus", default="0.5,0.7,0.9", help="confadapt thresholds (a sweep)")
     p.add_argument("--verify-ks", default="", help="also run verify with these numbers of heads, e.g. 1,2")
+    p.add_argument("--clp-confidences", default="", help="also run clp with these confidence margins, e.g. 0.5")
     p.add_argument("--peers", default="hf_greedy,hf_lookup", help="transformers peers, or 'none'")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_lookup")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test run")
@@ -186,7 +191,8 @@ def run(args) -> int:
     verify_ks = [int(x) for x in _split(args.verify_ks)]
     if heads is not None and any(not 1 <= x <= heads.cfg.k for x in verify_ks):
         raise ValueError(f"--verify-ks must lie in 1..{heads.cfg.k} (the heads provided).")
-    configs = mode_configs(modes, taus, k, args.max_new_tokens, verify_ks)
+    configs = mode_configs(modes, taus, k, args.max_new_tokens, verify_ks,
+                           [float(c) for c in _split(args.clp_confidences)])
     report = measure(backbone, heads, samples, configs, peers, lookup_tokens=args.lookup_tokens,
                      timeout=args.timeout, progress=not args.no_progress)
     report["meta"].update(command=args.command, dtype=args.dtype, heads=heads_src)

@@ -45,6 +45,9 @@ class DecodeConfig:
     max_new_tokens: int = 128
     sampling: sampling.SamplingConfig = sampling.SamplingConfig()
     tau: float = 0.9  # confadapt threshold on the heads' top-1 probability
+    # clp: None = the paper's argmax of the CLP; p = accept the most heads l with P(L* >= l) >= p under the
+    # CLP's softmax (a conservative margin for weak heads)
+    clp_confidence: float | None = None
     gate_threshold: float = 0.5  # gate: accept while sigmoid(gate logit) >= this
     verify_drafts: str = "all"  # verify: feed all k drafts, or the CLP's predicted number ("clp")
     adaptive_width: bool = False  # per step, feed only as many slots as the widest row needs
@@ -62,6 +65,8 @@ class DecodeConfig:
             raise ValueError(f"verify_drafts must be 'all' or 'clp', got {self.verify_drafts!r}.")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}.")
+        if self.clp_confidence is not None and not 0.0 < self.clp_confidence <= 1.0:
+            raise ValueError(f"clp_confidence must be in (0, 1], got {self.clp_confidence}.")
 
     @property
     def width(self) -> int:
@@ -199,8 +204,12 @@ class _Advance:
         prop = heads.propose(model, h, k, position)
         t1 = sampling.choose(key_t1, prop.t1_logits, sc)
         drafts = jnp.argmax(prop.draft_logits, -1).astype(jnp.int32)  # [B, k] for n+2 .. n+k+1
-        if dc.mode == "clp":
+        if dc.mode == "clp" and dc.clp_confidence is None:
             n_heads = jnp.minimum(jnp.argmax(prop.length_logits, -1), k)
+        elif dc.mode == "clp":  # P(L* >= l) is a reversed cumulative sum; it only falls with l
+            p = jax.nn.softmax(prop.length_logits[:, :k + 1], axis=-1)  # [B, k+1]
+            at_least = jnp.flip(jnp.cumsum(jnp.flip(p, -1), -1), -1)
+            n_heads = jnp.sum(at_least[:, 1:] >= dc.clp_confidence, axis=-1)
         else:  # confadapt
             conf = jnp.max(jax.nn.softmax(prop.draft_logits, axis=-1), axis=-1)  # [B, k]
             n_heads = _prefix_len(conf >= dc.tau)

@@ -48,12 +48,12 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_load_backbone", lambda args: backbone)
     out = tmp_path / "out"
     args = bench.parse_args(["--model", "tiny", "--heads", heads_dir, "--limit", "1", "--max-new-tokens", "12",
-                             "--taus", "0.5", "--verify-ks", "1", "--out", str(out), "--no-progress", "--timeout", "5"])
+                             "--taus", "0.5", "--verify-ks", "1", "--clp-confidences", "0.9", "--out", str(out), "--no-progress", "--timeout", "5"])
     args.command = "python -m clp_jax.bench (test)"
     assert bench.run(args) == 0
     report = json.loads((out / "bench.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["ar", "clp", "verify", "verify@k1", "confadapt@0.5", "gate",
+    assert list(modes) == ["ar", "clp", "clp@p0.9", "verify", "verify@k1", "confadapt@0.5", "gate",
                            "hf_greedy", "hf_lookup"]
     for m in modes.values():
         for key in ("speedup", "exact_match", "tokens_per_pass", "rep2", "rep3", "rep4", "pass_at_1"):

@@ -103,6 +103,24 @@ def test_clp_with_oracle_equals_ar_in_fewer_passes(model, prompts, ar_tokens, ad
     assert out.passes.max() <= -(-NEW // 4) and out.tokens_per_pass > 3.5
 
 
+def test_clp_confidence_margin(model, prompts, ar_tokens):
+    """With a margin, clp accepts l heads only while P(L* >= l) >= p: a sure CLP still accepts all, a
+    CLP torn between lengths accepts the prefix most of its mass supports, p=1 accepts nothing."""
+    sure = forced_length_heads(model.cfg, 3, 3)  # P(L*=3) ~ 1
+    out = Decoder(model, sure, DecodeConfig(mode="clp", k=3, max_new_tokens=NEW, clp_confidence=0.9)).generate(prompts)
+    assert out.tokens_per_pass > 3.5
+    torn = forced_length_heads(model.cfg, 3, 3)
+    torn.clp.linear.bias[...] = jnp.log(jnp.asarray([0.3, 0.1, 0.25, 0.35]))  # argmax 3; P(L*>=2) = 0.6
+    for p, expected in ((0.5, 2), (0.65, 1), (1.0, 0)):
+        dc = DecodeConfig(mode="clp", k=3, max_new_tokens=NEW, clp_confidence=p)
+        res = Decoder(model, torn, dc).generate(prompts)
+        assert res.accepted[:, expected:].sum() == 0 and (expected == 0 or res.accepted[:, expected - 1].sum() > 0)
+        if expected == 0:
+            assert res.tokens == ar_tokens
+    with pytest.raises(ValueError, match="clp_confidence"):
+        DecodeConfig(mode="clp", clp_confidence=0.0)
+
+
 def test_clp_with_wrong_drafts_differs_from_ar(model, prompts, ar_tokens):
     """Unverified acceptance is not lossless: random heads accepted blindly change the text."""
     heads = random_heads(model.cfg, 3)
