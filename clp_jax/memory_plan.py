@@ -51,9 +51,7 @@ def plan(cfg: dict, devices=None) -> dict:
     heads = nnx.state(nnx.eval_shape(lambda: Heads(hc, rngs=nnx.Rngs(0))), nnx.Param)
     sharding.check_divisible(backbone, mesh)
     sharding.check_divisible(heads, mesh)
-    for key in ("batch_size", "eval_batch_size"):
-        if rc[key] % mesh.shape["data"]:
-            raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
+    train_loop.check_batch_sizes(rc, mesh)
     heads_sh = sharding.state_shardings(heads, mesh)
     opt = jax.eval_shape(make_optimizer(TrainConfig(**cfg.get("train", {}))).init, heads)
     opt_sh = sharding.like_params(opt, heads, heads_sh)  # as the Trainer places Adam's moments

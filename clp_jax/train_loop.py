@@ -195,6 +195,15 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
     return cfg
 
 
+def check_batch_sizes(rc: dict, mesh) -> None:
+    """Global batch sizes must divide the mesh's data axis and the processes, before anything is built."""
+    for key in ("batch_size", "eval_batch_size"):
+        if mesh is not None and rc[key] % mesh.shape["data"]:
+            raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
+        if rc[key] % jax.process_count():
+            raise ValueError(f"run.{key}={rc[key]} does not divide the {jax.process_count()} processes.")
+
+
 def run(cfg: dict, progress: bool = True) -> dict:
     """Loads the backbone, builds the data, trains, evaluates and saves heads; returns the evaluation."""
     from flax import nnx
@@ -211,11 +220,7 @@ def run(cfg: dict, progress: bool = True) -> dict:
     tc = TrainConfig(**cfg.get("train", {}))
     dc = data_lib.DataConfig(**{k: tuple(v) if k == "sources" else v for k, v in cfg.get("data", {}).items()})
     mesh = MeshConfig(**cfg.get("mesh", {})).make() if cfg.get("mesh") else None
-    for key in ("batch_size", "eval_batch_size"):
-        if mesh is not None and rc[key] % mesh.shape["data"]:
-            raise ValueError(f"run.{key}={rc[key]} does not divide the mesh's data axis ({mesh.shape['data']}).")
-        if rc[key] % jax.process_count():
-            raise ValueError(f"run.{key}={rc[key]} does not divide the {jax.process_count()} processes.")
+    check_batch_sizes(rc, mesh)
     # batch sizes are global; on a multi-host pod each process loads its share from its own data shard
     local_batch, local_eval_batch = (rc[key] // jax.process_count() for key in ("batch_size", "eval_batch_size"))
     model_cfg = cfg.get("model", {})
