@@ -207,9 +207,9 @@ class _Advance:
         if dc.mode == "clp" and dc.clp_confidence is None:
             n_heads = jnp.minimum(jnp.argmax(prop.length_logits, -1), k)
         elif dc.mode == "clp":  # P(L* >= l) is a reversed cumulative sum; it only falls with l
-            p = jax.nn.softmax(prop.length_logits[:, :k + 1], axis=-1)  # [B, k+1]
-            at_least = jnp.flip(jnp.cumsum(jnp.flip(p, -1), -1), -1)
-            n_heads = jnp.sum(at_least[:, 1:] >= dc.clp_confidence, axis=-1)
+            p = jax.nn.softmax(prop.length_logits, axis=-1)  # [B, K+1] over all trained lengths
+            at_least = jnp.flip(jnp.cumsum(jnp.flip(p, -1), -1), -1)  # mass beyond k counts for l <= k
+            n_heads = jnp.sum(at_least[:, 1:k + 1] >= dc.clp_confidence, axis=-1)
         else:  # confadapt
             conf = jnp.max(jax.nn.softmax(prop.draft_logits, axis=-1), axis=-1)  # [B, k]
             n_heads = _prefix_len(conf >= dc.tau)
