@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clp_jax import decoding, report
-from clp_jax.decoding import DecodeConfig, Decoder
-from clp_jax.sampling import SamplingConfig
+from clp_jax.decode import loop as decoding
+from clp_jax.decode import report
+from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.sampling import SamplingConfig
 
 
 def parse_args(argv=None):
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from clp_jax import checkpoint, loading, prompts as prompts_lib
+    from clp_jax.drafting import checkpoint
+    from clp_jax.weights import loading
+    from clp_jax.decode import prompts as prompts_lib
 
     sampling_cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if args.batch_size < 1:

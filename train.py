@@ -17,7 +17,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from clp_jax import train_loop
+    from clp_jax.train import loop as train_loop
 
     try:
         cfg = train_loop.load_config(args.config, args.set)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clp_jax.config import ModelConfig
-from clp_jax.heads import Heads, HeadsConfig, Proposal
-from clp_jax.qwen2 import init_model
+from clp_jax.model.config import ModelConfig
+from clp_jax.drafting.heads import Heads, HeadsConfig, Proposal
+from clp_jax.model.qwen2 import init_model
 
 
 def tiny_config(**kw) -> ModelConfig:

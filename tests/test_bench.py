@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from clp_jax import bench, quality
-from clp_jax.checkpoint import save_heads
-from clp_jax.loading import Backbone
+from clp_jax.bench import run as bench
+from clp_jax.bench import quality
+from clp_jax.drafting.checkpoint import save_heads
+from clp_jax.weights.loading import Backbone
 from helpers import random_heads, scaled_random_model, tiny_config, tiny_tokenizer
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.checkpoint import CheckpointError, export_heads, heads_source, load_heads, save_heads
+from clp_jax.drafting.checkpoint import CheckpointError, export_heads, heads_source, load_heads, save_heads
 
 from helpers import random_heads, tiny_config
 
@@ -42,7 +42,7 @@ def test_export_to_bf16_keeps_metadata_and_decodes_alike(tmp_path):
 
 
 def test_draft_vocabulary_round_trip_and_corruption(tmp_path):
-    from clp_jax.heads import Heads
+    from clp_jax.drafting.heads import Heads
 
     cfg = tiny_config()
     heads = Heads(random_heads(cfg, 2).cfg, rngs=nnx.Rngs(0), draft_vocab=np.array([1, 5, 9]))

@@ -5,8 +5,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax import convert
-from clp_jax.config import ModelConfig
+from clp_jax.weights import convert
+from clp_jax.model.config import ModelConfig
 
 
 def _logits(model, tokens):
@@ -131,7 +131,7 @@ def test_tied_checkpoint_with_stored_lm_head():
     """Some tied exporters still store lm_head.weight: it is checked against the embedding and dropped."""
     cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
-    from clp_jax.qwen2 import init_model
+    from clp_jax.model.qwen2 import init_model
 
     ref = init_model(cfg)
     flat = convert.flat_params(ref)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clp_jax import data
+from clp_jax.train import data
 from helpers import tiny_tokenizer
 
 

@@ -5,9 +5,9 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax.decoding import Decoder, DecodeConfig
-from clp_jax.kv_cache import init_cache
-from clp_jax.sampling import SamplingConfig
+from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.model.kv_cache import init_cache
+from clp_jax.decode.sampling import SamplingConfig
 
 from helpers import (OracleHeads, forced_length_heads, random_heads, reference_table, scaled_random_model,
                      tiny_config, zero_heads)
@@ -33,7 +33,7 @@ def ar_tokens(model, prompts):
 
 def test_ar_matches_transformers_generate(tiny_hf):
     torch = pytest.importorskip("torch")
-    from clp_jax.convert import convert_hf_dir
+    from clp_jax.weights.convert import convert_hf_dir
 
     hf_model, path = tiny_hf
     model = convert_hf_dir(path)

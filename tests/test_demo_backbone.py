@@ -10,8 +10,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax.decoding import Decoder, DecodeConfig
-from clp_jax.loading import load_backbone
+from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.weights.loading import load_backbone
 
 pytestmark = pytest.mark.demo
 
@@ -70,7 +70,7 @@ def test_torch_free_gguf_tokenizer_matches_transformers(backbone):
     pytest.importorskip("torch")
     from transformers import AutoTokenizer
 
-    from clp_jax.tokenizer import tokenizer_from_gguf
+    from clp_jax.weights.tokenizer import tokenizer_from_gguf
 
     path = backbone.source
     ours = tokenizer_from_gguf(path)

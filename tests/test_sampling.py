@@ -7,8 +7,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax.decoding import Decoder, DecodeConfig
-from clp_jax.sampling import SamplingConfig, probs
+from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.decode.sampling import SamplingConfig, probs
 
 from helpers import random_heads, scaled_random_model, tiny_config
 

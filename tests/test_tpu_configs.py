@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from clp_jax import memory_plan, train_loop
+from clp_jax.train import memory_plan
+from clp_jax.train import loop as train_loop
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "qwen2.5-*.toml")))
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.checkpoint import CheckpointError, TrainCheckpoints
-from clp_jax.heads import Heads, HeadsConfig
-from clp_jax.train_lib import TrainConfig, Trainer
-from clp_jax.train_loop import cached_hidden_fn, evaluate, fit, run_meta
+from clp_jax.drafting.checkpoint import CheckpointError, TrainCheckpoints
+from clp_jax.drafting.heads import Heads, HeadsConfig
+from clp_jax.train.step import TrainConfig, Trainer
+from clp_jax.train.loop import cached_hidden_fn, evaluate, fit, run_meta
 
 from helpers import scaled_random_model, tiny_config
 
@@ -82,7 +82,7 @@ def test_resume_refuses_other_data_or_optimisation(setting, tmp_path):
 
 
 def test_load_config_with_overrides(tmp_path):
-    from clp_jax.train_loop import load_config
+    from clp_jax.train.loop import load_config
 
     path = tmp_path / "c.toml"
     path.write_text('[train]\nlearning_rate = 1e-3\n[run]\nsteps = 5\n')
@@ -98,7 +98,7 @@ def test_load_config_with_overrides(tmp_path):
 
 
 def test_batches_are_a_function_of_the_step():
-    from clp_jax.data import batch_indices
+    from clp_jax.train.data import batch_indices
 
     n, bs = 10, 4
     stream = np.concatenate([batch_indices(n, s, bs, seed=3) for s in range(5)])  # 20 = two epochs
@@ -108,10 +108,10 @@ def test_batches_are_a_function_of_the_step():
 
 @pytest.mark.parametrize("name", ["demo", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
 def test_shipped_configs_parse(name):
-    from clp_jax.data import DataConfig
-    from clp_jax.sharding import MeshConfig
-    from clp_jax.train_lib import TrainConfig
-    from clp_jax.train_loop import load_config
+    from clp_jax.train.data import DataConfig
+    from clp_jax.model.sharding import MeshConfig
+    from clp_jax.train.step import TrainConfig
+    from clp_jax.train.loop import load_config
 
     cfg = load_config(f"configs/{name}.toml")
     TrainConfig(**cfg["train"])
@@ -131,7 +131,7 @@ def test_hidden_states_cached_on_disk(setting, tmp_path):
 
 def test_trained_heads_keep_their_draft_vocabulary(setting, tmp_path):
     """What run() saves: the trainer's heads with the training sub-vocabulary as their draft vocabulary."""
-    from clp_jax.checkpoint import load_heads, save_heads
+    from clp_jax.drafting.checkpoint import load_heads, save_heads
 
     model, source, hidden = setting
     vocab = np.arange(0, 128, 2)

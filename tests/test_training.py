@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.heads import CLP, Heads, HeadsConfig, count_params
-from clp_jax.sharding import MeshConfig
-from clp_jax.train_lib import TrainConfig, Trainer, backbone_hidden
+from clp_jax.drafting.heads import CLP, Heads, HeadsConfig, count_params
+from clp_jax.model.sharding import MeshConfig
+from clp_jax.train.step import TrainConfig, Trainer, backbone_hidden
 
 from helpers import scaled_random_model, tiny_config
 

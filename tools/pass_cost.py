@@ -14,10 +14,10 @@ import argparse
 import jax
 from flax import nnx
 
-from clp_jax.config import known_geometry
-from clp_jax.decoding import DecodeConfig, Decoder
-from clp_jax.heads import Heads, HeadsConfig
-from clp_jax.qwen2 import Qwen2
+from clp_jax.model.config import known_geometry
+from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.drafting.heads import Heads, HeadsConfig
+from clp_jax.model.qwen2 import Qwen2
 
 GEOMETRIES = {"qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
               "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct"}

@@ -10,8 +10,8 @@ import argparse
 import os
 import shutil
 
-from clp_jax import checkpoint
-from clp_jax.heads import param_summary
+from clp_jax.drafting import checkpoint
+from clp_jax.drafting.heads import param_summary
 
 
 def main(argv=None) -> int:

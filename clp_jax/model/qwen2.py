@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clp_jax.attention import Attention
-from clp_jax.config import ModelConfig
-from clp_jax.kv_cache import LayerCache
-from clp_jax.layers import MLP, RMSNorm, logical
+from clp_jax.model.attention import Attention
+from clp_jax.model.config import ModelConfig
+from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.layers import MLP, RMSNorm, logical
 
 
 class DecoderLayer(nnx.Module):

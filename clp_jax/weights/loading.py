@@ -17,10 +17,10 @@ import sys
 import tempfile
 import time
 
-from clp_jax import assets
-from clp_jax.config import ModelConfig
-from clp_jax.qwen2 import Qwen2
-from clp_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
+from clp_jax.weights import assets
+from clp_jax.model.config import ModelConfig
+from clp_jax.model.qwen2 import Qwen2
+from clp_jax.weights.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 DEMO = "demo"
 _CACHE_FORMAT = 1
@@ -99,7 +99,7 @@ def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
 
 def _convert(kind: str, path: str, dtypes: dict, progress: bool):
     """(model, tokenizer) of a source; a GGUF file is opened once for both."""
-    from clp_jax import convert
+    from clp_jax.weights import convert
 
     if kind == "gguf":
         import gguf
@@ -113,7 +113,7 @@ def _convert(kind: str, path: str, dtypes: dict, progress: bool):
 def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> None:
     from safetensors.flax import save_file
 
-    from clp_jax.convert import flat_params
+    from clp_jax.weights.convert import flat_params
 
     parent = os.path.dirname(entry)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
@@ -134,8 +134,8 @@ def _load_cache(entry: str, dtype: str):
     from safetensors.flax import load_file
     from transformers import AutoTokenizer
 
-    from clp_jax.convert import model_from_flat
-    from clp_jax.qwen2 import abstract_model
+    from clp_jax.weights.convert import model_from_flat
+    from clp_jax.model.qwen2 import abstract_model
     from flax import nnx
 
     with open(os.path.join(entry, "meta.json")) as f:

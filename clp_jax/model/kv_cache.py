@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from clp_jax.config import ModelConfig
+from clp_jax.model.config import ModelConfig
 
 
 @jax.tree_util.register_dataclass

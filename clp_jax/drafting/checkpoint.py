@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from clp_jax.config import ModelConfig
-from clp_jax.heads import Heads, HeadsConfig
+from clp_jax.model.config import ModelConfig
+from clp_jax.drafting.heads import Heads, HeadsConfig
 
 _META = "heads.json"
 _PARAMS = "params"

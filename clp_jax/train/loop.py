@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clp_jax import data as data_lib
-from clp_jax.checkpoint import CheckpointError, TrainCheckpoints, backbone_fingerprint
-from clp_jax.train_lib import Trainer
+from clp_jax.train import data as data_lib
+from clp_jax.drafting.checkpoint import CheckpointError, TrainCheckpoints, backbone_fingerprint
+from clp_jax.train.step import Trainer
 
 
 def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
@@ -125,7 +125,7 @@ def cached_hidden_fn(model, source, batch_size: int = 8, progress: bool = True, 
     the 0.5B backbone). With `path`, they are stored there as .npy and memory-mapped by later runs."""
     from tqdm.auto import tqdm
 
-    from clp_jax.train_lib import backbone_hidden
+    from clp_jax.train.step import backbone_hidden
 
     if path is not None and os.path.exists(path):
         table = np.load(path, mmap_mode="r")
@@ -208,13 +208,13 @@ def run(cfg: dict, progress: bool = True) -> dict:
     """Loads the backbone, builds the data, trains, evaluates and saves heads; returns the evaluation."""
     from flax import nnx
 
-    from clp_jax import checkpoint
-    from clp_jax.assets import cache_dir
-    from clp_jax.decoding import DecodeConfig, Decoder
-    from clp_jax.heads import Heads, HeadsConfig, param_summary
-    from clp_jax.loading import load_backbone
-    from clp_jax.sharding import MeshConfig
-    from clp_jax.train_lib import TrainConfig
+    from clp_jax.drafting import checkpoint
+    from clp_jax.weights.assets import cache_dir
+    from clp_jax.decode.loop import DecodeConfig, Decoder
+    from clp_jax.drafting.heads import Heads, HeadsConfig, param_summary
+    from clp_jax.weights.loading import load_backbone
+    from clp_jax.model.sharding import MeshConfig
+    from clp_jax.train.step import TrainConfig
 
     rc = {**RUN_DEFAULTS, **cfg.get("run", {})}
     tc = TrainConfig(**cfg.get("train", {}))

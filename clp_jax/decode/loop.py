@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clp_jax import sampling
-from clp_jax.kv_cache import LayerCache, init_cache
-from clp_jax.qwen2 import Qwen2
+from clp_jax.decode import sampling
+from clp_jax.model.kv_cache import LayerCache, init_cache
+from clp_jax.model.qwen2 import Qwen2
 
 MODES = ("ar", "clp", "verify", "confadapt", "gate")
 MIN_PROMPT_BUCKET = 16

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clp_jax.convert import flat_params
-from clp_jax.qwen2 import Qwen2
+from clp_jax.weights.convert import flat_params
+from clp_jax.model.qwen2 import Qwen2
 
 
 def weight_bytes_per_pass(model: Qwen2) -> int:

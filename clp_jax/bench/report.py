@@ -34,7 +34,7 @@ def markdown(report: dict) -> str:
     prompts = ", ".join(f"{n} {name}" for name, n in meta["prompts"].items())
     foot = [
         "",
-        f"`{meta['command'] or 'clp_jax.bench.measure'}` on {meta['date']}: {mach['device']} ({mach['processor']}, {mach['cpu_count']} "
+        f"`{meta['command'] or 'clp_jax.bench.run.measure'}` on {meta['date']}: {mach['device']} ({mach['processor']}, {mach['cpu_count']} "
         f"cores), jax {mach['jax']}; backbone {os.path.basename(str(meta['backbone']))} ({meta['dtype']}), "
         f"k={meta['k']}, {prompts} prompts, {meta['max_new_tokens']} new tokens, batch 1, greedy.",
         f"Speedup = decode tokens/s over `ar`'s (transformers peers: end to end, marked e2e); exact match = "

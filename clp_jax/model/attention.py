@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clp_jax.config import ModelConfig
-from clp_jax.kv_cache import LayerCache
-from clp_jax.layers import apply_rope, logical, rope_angles
+from clp_jax.model.config import ModelConfig
+from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.layers import apply_rope, logical, rope_angles
 
 NEG_INF = -1e30  # finite, so fully masked rows cannot produce NaN
 

@@ -1,7 +1,7 @@
 """Memory per device of a training config on its mesh, computed from shapes alone (nothing allocated).
 
-  python -m clp_jax.memory_plan --config configs/qwen2.5-7b.toml --devices 8
-  python -m clp_jax.memory_plan --config configs/qwen2.5-7b.toml --devices 4 --set mesh.data=1 --set mesh.model=4
+  python -m clp_jax.train.memory_plan --config configs/qwen2.5-7b.toml --devices 8
+  python -m clp_jax.train.memory_plan --config configs/qwen2.5-7b.toml --devices 4 --set mesh.data=1 --set mesh.model=4
 
 The frozen backbone and the heads are built with `nnx.eval_shape`, sharded by the same rules table
 as training, the optimizer state comes from `jax.eval_shape` of the real optimizer's `init`, placed as the
@@ -34,11 +34,12 @@ def plan(cfg: dict, devices=None) -> dict:
     import jax
     from flax import nnx
 
-    from clp_jax import sharding, train_loop
-    from clp_jax.config import known_geometry
-    from clp_jax.heads import Heads, HeadsConfig
-    from clp_jax.qwen2 import abstract_model
-    from clp_jax.train_lib import TrainConfig, make_optimizer
+    from clp_jax.model import sharding
+    from clp_jax.train import loop as train_loop
+    from clp_jax.model.config import known_geometry
+    from clp_jax.drafting.heads import Heads, HeadsConfig
+    from clp_jax.model.qwen2 import abstract_model
+    from clp_jax.train.step import TrainConfig, make_optimizer
 
     model_cfg = cfg.get("model", {})
     dtype = model_cfg.get("dtype", "float32")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
                                + f" --xla_force_host_platform_device_count={args.devices}")
     import jax
 
-    from clp_jax import train_loop
+    from clp_jax.train import loop as train_loop
 
     try:
         result = plan(train_loop.load_config(args.config, args.set), jax.devices()[:args.devices])

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clp_jax.config import ModelConfig
-from clp_jax.qwen2 import Qwen2, abstract_model
+from clp_jax.model.config import ModelConfig
+from clp_jax.model.qwen2 import Qwen2, abstract_model
 
 Array = np.ndarray | jnp.ndarray
 

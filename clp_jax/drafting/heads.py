@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clp_jax.layers import logical
+from clp_jax.model.layers import logical
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,9 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clp_jax import losses, sharding
-from clp_jax.heads import Heads
-from clp_jax.qwen2 import Qwen2
+from clp_jax.train import losses
+from clp_jax.model import sharding
+from clp_jax.drafting.heads import Heads
+from clp_jax.model.qwen2 import Qwen2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,7 +59,7 @@ def backbone_hidden(model: Qwen2, tokens: jax.Array, mask: jax.Array) -> jax.Arr
 
 def loss_and_metrics(heads: Heads, backbone: Qwen2, batch: dict, step: jax.Array, tc: TrainConfig,
                      vocab: jax.Array | None = None):
-    """Total loss and metrics of one batch (see clp_jax.losses for the alignment).
+    """Total loss and metrics of one batch (see clp_jax.train.losses for the alignment).
 
     Optional batch["positions"] [B, P] selects the positions scored (the output projection over the
     vocabulary dominates the cost); optional `vocab` [U] restricts scoring to those token ids

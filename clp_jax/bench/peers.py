@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from clp_jax.convert import hf_tensors
-from clp_jax.qwen2 import Qwen2
+from clp_jax.weights.convert import hf_tensors
+from clp_jax.model.qwen2 import Qwen2
 
 PEERS = ("hf_greedy", "hf_lookup")
 
