@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from clp_jax.model.config import ModelConfig
-from clp_jax.drafting.heads import Heads, HeadsConfig, Proposal
+from clp_jax.drafting.heads import Drafts, Heads, HeadsConfig
 from clp_jax.model.qwen2 import init_model
 
 
@@ -69,13 +69,20 @@ class OracleHeads(nnx.Module):
         self.length = k if length is None else length
         self.gate = None
 
-    def propose(self, backbone, h, k, position, need_t1=True):
+    drafter = None
+
+    def init_cache(self, batch, capacity, dtype=None):
+        return ()
+
+    def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick):
+        rows = jnp.arange(hidden.shape[0])
+        position = positions[rows, anchor]  # n: drafts are the reference's tokens n+2 .. n+k+1
         ref = self.reference[...]
-        idx = jnp.clip(position[:, None] + 2 + jnp.arange(k), 0, ref.shape[1] - 1)  # n+2 .. n+k+1
-        drafts = jnp.take_along_axis(ref, idx, axis=1)
-        draft_logits = 30.0 * jax.nn.one_hot(drafts, self.cfg.vocab_size)
-        length_logits = jnp.broadcast_to(jax.nn.one_hot(self.length, k + 1), (h.shape[0], k + 1))
-        return Proposal(backbone.logits(h), draft_logits, length_logits)
+        idx = jnp.clip(position[:, None] + 2 + jnp.arange(k), 0, ref.shape[1] - 1)
+        logits = 30.0 * jax.nn.one_hot(jnp.take_along_axis(ref, idx, axis=1), self.cfg.vocab_size)
+        tokens = jnp.stack([pick(j, logits[:, j]) for j in range(k)], axis=1)
+        length_logits = jnp.broadcast_to(jax.nn.one_hot(self.length, k + 1), (hidden.shape[0], k + 1))
+        return Drafts(logits, tokens, length_logits, cache)
 
 
 def reference_table(prompts, continuations, rows: int, width: int) -> np.ndarray:

@@ -7,19 +7,29 @@
   competes with the backbone's LM head.
 * `CLP`: one `Linear(d -> k+1)`; its argmax is how many head tokens to accept after t1.
 * `Gate`: the prior-work MLP gate (d -> 640 -> k, ~1M parameters at d=1536), a sigmoid per head.
+* `DraftLayer` (draft_layer.py): the second kind of drafter (`HeadsConfig.kind = "draft_layer"`), one
+  decoder block applied autoregressively over the k positions, with a KV cache of its own.
+
+Every drafter answers one call, `Heads.draft` (the `Drafter` protocol): given the hidden states of the
+chunk the backbone just ran, the anchor (the slot whose state is h_n) and t1, it returns k draft
+tokens, their logits, the CLP's length logits and its updated cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clp_jax.drafting.draft_layer import DraftLayer
+from clp_jax.model.config import ModelConfig
+from clp_jax.model.kv_cache import LayerCache
 from clp_jax.model.layers import logical
+from clp_jax.model.numerics import NEG_LOGIT
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +39,9 @@ class HeadsConfig:
     hidden_size: int
     vocab_size: int
     k: int = 4  # number of MTP heads (tokens n+2 .. n+k+1)
+    kind: str = "medusa"  # "medusa" (k residual heads on h_n) or "draft_layer" (one block, applied k times)
+    # draft_layer: the backbone geometry its block copies (ModelConfig fields as (name, value) pairs)
+    layer: tuple = ()
     conditioned: bool = False  # heads also read Embed(t1)
     gate: bool = True  # include the gate baseline (its own k heads, offset 0, and the MLP gate)
     gate_hidden: int = 640
@@ -37,6 +50,20 @@ class HeadsConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"HeadsConfig.k must be >= 1, got {self.k}.")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"HeadsConfig.kind must be one of {HEAD_KINDS}, got {self.kind!r}.")
+        if self.kind == "draft_layer" and not self.layer:
+            raise ValueError("A draft_layer HeadsConfig needs the backbone geometry: use HeadsConfig.for_backbone.")
+        object.__setattr__(self, "layer", tuple((str(a), b) for a, b in self.layer))  # JSON lists -> pairs
+
+    @classmethod
+    def for_backbone(cls, cfg: ModelConfig, **kw) -> "HeadsConfig":
+        """Heads for a backbone: its width and vocabulary, and (draft layer) its block geometry."""
+        layer = tuple(sorted(cfg.replace(num_layers=1).to_dict().items()))
+        return cls(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, layer=layer, **kw)
+
+    def layer_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(dict(self.layer))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -44,6 +71,9 @@ class HeadsConfig:
     @classmethod
     def from_json(cls, s: str) -> "HeadsConfig":
         return cls(**json.loads(s))
+
+
+HEAD_KINDS = ("medusa", "draft_layer")
 
 
 class MTPHeads(nnx.Module):
@@ -96,9 +126,6 @@ class Gate(nnx.Module):
         return self.fc2(jax.nn.silu(self.fc1(h))).astype(jnp.float32)
 
 
-NEG_LOGIT = -1e30  # finite: softmax and sampling stay NaN-free
-
-
 class Proposal(NamedTuple):
     """What a drafter offers at one position n (all computed from h_n)."""
 
@@ -106,6 +133,33 @@ class Proposal(NamedTuple):
     draft_logits: jax.Array  # [B, k, V] logits of the tokens at n+2 .. n+k+1 (n+1 .. n+k for the gate)
     length_logits: jax.Array | None  # [B, k+1] CLP logits, or [B, k] gate accept logits
 
+
+
+class Drafts(NamedTuple):
+    """What a drafter offers after one backbone pass, anchored at h_n."""
+
+    logits: jax.Array  # [B, k, V] logits of the tokens at n+2 .. n+k+1 (-1e30 outside the draft vocabulary)
+    tokens: jax.Array  # [B, k] the drafted tokens (chosen by `pick` from those logits)
+    length_logits: jax.Array  # [B, k+1] CLP logits at h_n
+    cache: tuple  # the drafter's own KV cache (empty for Medusa heads)
+
+
+# pick(j, logits [B, V]) -> tokens [B]: how the decoder turns draft j's logits into a token
+Pick = Callable[[int, jax.Array], jax.Array]
+
+
+class Drafter(Protocol):
+    """What the decoder needs of a set of heads (`Heads`, or a test double)."""
+
+    cfg: HeadsConfig
+    gate: nnx.Module | None
+
+    def init_cache(self, batch: int, capacity: int) -> tuple: ...
+
+    def draft(self, backbone, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
+              anchor: jax.Array, k: int, cache: tuple, pick: Pick) -> Drafts: ...
+
+    def propose_gate(self, backbone, h: jax.Array, k: int) -> Proposal: ...
 
 
 class Heads(nnx.Module):
@@ -120,7 +174,12 @@ class Heads(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.draft_vocab = None if draft_vocab is None else nnx.Variable(jnp.asarray(draft_vocab, jnp.int32))
-        self.mtp = MTPHeads(cfg.hidden_size, cfg.k, conditioned=cfg.conditioned, param_dtype=pd, rngs=rngs)
+        if cfg.kind == "draft_layer":
+            self.mtp = None
+            self.drafter = DraftLayer(cfg.layer_config().replace(param_dtype=cfg.param_dtype), rngs=rngs)
+        else:
+            self.drafter = None
+            self.mtp = MTPHeads(cfg.hidden_size, cfg.k, conditioned=cfg.conditioned, param_dtype=pd, rngs=rngs)
         self.clp = CLP(cfg.hidden_size, cfg.k, param_dtype=pd, rngs=rngs)
         if cfg.gate:
             self.gate_heads = MTPHeads(cfg.hidden_size, cfg.k, param_dtype=pd, rngs=rngs)
@@ -134,28 +193,48 @@ class Heads(nnx.Module):
         nnx.update(out, nnx.state(self, nnx.Param))
         return out
 
-    def propose(self, backbone, h: jax.Array, k: int, position: jax.Array | None = None,
-                need_t1: bool = True) -> Proposal:
-        """MTP drafts and CLP logits at h [B, D] (the state at `position` [B]), using the first k heads.
+    def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> tuple:
+        """The draft layer's KV cache (one layer, [B, capacity, K, H]); Medusa heads keep none."""
+        if self.drafter is None:
+            return ()
+        c = self.drafter.cfg
+        shape = (batch, capacity, c.num_kv_heads, c.head_dim)
+        return (LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),)
 
-        Unconditioned heads share one output-projection call with t1 (the projection dominates memory
-        traffic); conditioned heads read Embed(argmax t1) and need a second call. With
-        need_t1=False (verify already has t1) the t1 row is left out where nothing needs it.
+    def draft(self, backbone, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
+              anchor: jax.Array, k: int, cache: tuple, pick: Pick) -> Drafts:
+        """k drafts after the anchor slot of the chunk the backbone just ran.
+
+        Args:
+          hidden: [B, W, D] the trunk's hidden states of the fed chunk.
+          next_tokens: [B, W] the committed token after each slot (t1 at the anchor; slots past the
+            anchor are never read).
+          positions: [B, W] the chunk's positions.
+          anchor: [B] the slot whose hidden state is h_n (the last committed token with a state).
+          cache: the drafter's cache (see `init_cache`).
+          pick: turns draft j's logits [B, V] into tokens [B] (greedy or sampled).
         """
-        del position  # the heads read only h
-        t1_logits = None
-        if self.cfg.conditioned:
-            t1_logits = backbone.logits(h)
-            t1_embed = backbone.embed(jnp.argmax(t1_logits, axis=-1))
-            draft_logits = self.draft_logits(backbone, self.mtp(h, t1_embed, k))
-        elif need_t1 and self.draft_vocab is None:
-            states = self.mtp(h, None, k)  # [B, k, D]
-            logits = backbone.logits(jnp.concatenate([h[:, None, :], states], axis=1))  # [B, 1+k, V]
-            t1_logits, draft_logits = logits[:, 0], logits[:, 1:]
-        else:
-            t1_logits = backbone.logits(h) if need_t1 else None
-            draft_logits = self.draft_logits(backbone, self.mtp(h, None, k))  # [B, k, V]
-        return Proposal(t1_logits, draft_logits, self.clp(h))
+        rows = jnp.arange(hidden.shape[0])
+        h = hidden[rows, anchor]  # [B, D]
+        t1 = next_tokens[rows, anchor]  # [B]
+        if self.drafter is None:
+            t1_embed = backbone.embed(t1) if self.cfg.conditioned else None
+            logits = self.draft_logits(backbone, self.mtp(h, t1_embed, k))  # [B, k, V]
+            tokens = jnp.stack([pick(j, logits[:, j]) for j in range(k)], axis=1)
+            return Drafts(logits, tokens, self.clp(h), cache)
+        # draft layer: one pass over the chunk writes the committed positions' entries and is step 1
+        feats, layer_cache = self.drafter.step(backbone, hidden, next_tokens, positions, cache[0])
+        f = feats[rows, anchor][:, None]  # [B, 1, D]
+        pos = positions[rows, anchor][:, None]  # [B, 1]
+        all_logits, tokens = [], []
+        for j in range(k):
+            logits = self.draft_logits(backbone, f)[:, 0]  # [B, V]
+            token = pick(j, logits)
+            all_logits.append(logits)
+            tokens.append(token)
+            if j + 1 < k:
+                f, layer_cache = self.drafter.step(backbone, f, token[:, None], pos + j + 1, layer_cache)
+        return Drafts(jnp.stack(all_logits, 1), jnp.stack(tokens, 1), self.clp(h), (layer_cache,))
 
     def draft_logits(self, backbone, states: jax.Array) -> jax.Array:
         """Head states [B, J, D] -> logits [B, J, V]; outside `draft_vocab` a finite -1e30."""
@@ -183,7 +262,8 @@ def count_params(module: nnx.Module) -> int:
 
 def param_summary(heads: Heads) -> str:
     """One line per part, e.g. for start-up logs."""
-    parts = [("MTP heads", heads.mtp), ("CLP", heads.clp)]
+    parts = ([("MTP heads", heads.mtp)] if heads.drafter is None else [("draft layer", heads.drafter)])
+    parts += [("CLP", heads.clp)]
     if heads.gate is not None:
         parts += [("gate heads", heads.gate_heads), ("gate MLP", heads.gate)]
     return ", ".join(f"{name}: {count_params(m):,}" for name, m in parts)
