@@ -46,8 +46,10 @@ class DraftLayer(nnx.Module):
         self.layer = DecoderLayer(cfg, rngs=rngs)
 
     def init_from_backbone(self, backbone) -> None:
-        """Copies the backbone's last decoder layer into the draft layer's block."""
-        nnx.update(self.layer, nnx.state(backbone.layers[-1], nnx.Param))
+        """Copies the backbone's last decoder layer into the draft layer's block (new buffers: training
+        may donate the draft layer's parameters, never the backbone's)."""
+        state = nnx.state(backbone.layers[-1], nnx.Param)
+        nnx.update(self.layer, jax.tree.map(lambda x: jnp.array(x, dtype=self.cfg.jnp_param_dtype), state))
 
     def _fused(self, backbone, features: jax.Array, tokens: jax.Array) -> jax.Array:
         """features [B, T, D], tokens [B, T] -> fused input [B, T, D]."""
