@@ -32,7 +32,11 @@ def backbone_fingerprint(cfg: ModelConfig) -> dict:
 
 
 def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra: dict | None = None) -> None:
-    """Writes heads.json and params/; `backbone_cfg` is the backbone's config or its fingerprint."""
+    """Writes heads.json and params/; `backbone_cfg` is the backbone's config or its fingerprint.
+
+    On several processes every one calls it (the Orbax save is collective); process 0 alone writes
+    heads.json and draft_vocab.npy.
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -40,6 +44,8 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
     state = nnx.to_pure_dict(nnx.state(heads, nnx.Param))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(path, _PARAMS), state, force=True)
+    if jax.process_index() != 0:
+        return
     vocab_path = os.path.join(path, _VOCAB)
     if heads.draft_vocab is not None:
         np.save(vocab_path, np.asarray(heads.draft_vocab[...], np.int32))
