@@ -31,7 +31,7 @@ name = "MODEL"
 dtype = "float32"
 [heads]
 k = 2
-gate = true
+gate = false
 [data]
 sources = ["CORPUS"]
 mode = "self_distill"
