@@ -245,7 +245,8 @@ def run(cfg: dict, progress: bool = True) -> dict:
                         backbone.eos_token_ids)
     pad = backbone.tokenizer.pad_token_id or 0
     name = data_lib.dataset_name(dc, backbone.source)
-    def rows():
+
+    def rows():  # process 0 alone calls it when the cache directory is shared
         print(f"process {jax.process_index()}: self-distilling dataset {name}", file=sys.stderr)
         return data_lib.records(dc, backbone.tokenizer, generate, pad, batch=rc["gen_batch_size"], progress=progress)
 
