@@ -15,15 +15,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    import jax
-
     from clp_jax.train import loop as train_loop
+    from clp_jax.train import multihost
 
     try:
         cfg = train_loop.load_config(args.config, args.set)
         if cfg.get("mesh", {}).get("distributed"):
             cfg["mesh"].pop("distributed")
-            jax.distributed.initialize()  # multi-host pods: one process per host
+            multihost.initialize()  # one process per pod host (see clp_jax/train/multihost.py)
         result = train_loop.run(cfg, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,13 +32,27 @@ def backbone_fingerprint(cfg: ModelConfig) -> dict:
 
 
 def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra: dict | None = None) -> None:
-    """Writes heads.json and params/; `backbone_cfg` is the backbone's config or its fingerprint."""
+    """Writes heads.json and params/; `backbone_cfg` is the backbone's config or its fingerprint.
+
+    On several processes every one calls it: the parameters (sharded over the processes' devices) are
+    gathered, and process 0 alone writes the whole checkpoint on its disk; the others wait for it.
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(heads, nnx.Param))
-    with ocp.StandardCheckpointer() as ckpt:
+    options = {}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        state = multihost_utils.process_allgather(state, tiled=True)  # numpy arrays, whole, on every process
+        options = dict(multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0,
+                                                                                  active_processes={0}))
+        if jax.process_index() != 0:
+            multihost_utils.sync_global_devices(f"clp_jax heads saved {path}")
+            return
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer(**options) as ckpt:
         ckpt.save(os.path.join(path, _PARAMS), state, force=True)
     vocab_path = os.path.join(path, _VOCAB)
     if heads.draft_vocab is not None:
@@ -49,6 +63,10 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
         json.dump({"heads_config": json.loads(heads.cfg.to_json()),
                    "backbone": backbone_cfg if isinstance(backbone_cfg, dict) else backbone_fingerprint(backbone_cfg),
                    **(extra or {})}, f, indent=1)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"clp_jax heads saved {path}")
 
 
 def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:

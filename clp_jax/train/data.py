@@ -188,18 +188,16 @@ def _builder_class():
 
 
 def build_dataset(dc: DataConfig, name: str, rows: Callable[[], list[dict]], data_dir: str):
-    """Builds (once) and opens the dataset; returns {'train': source, 'validation': source} of this process.
+    """Builds (once) and opens the dataset; returns {'train': source, 'validation': source}.
 
-    On a multi-host pod each process reads its own even share (tfds.split_for_jax_process).
+    Every process opens the whole splits and reads only the rows of the global batch it holds
+    (clp_jax.train.multihost): batches do not depend on the number of processes.
     """
-    import tensorflow_datasets as tfds
-
     cls = _builder_class()
     builder = cls(rows=rows, seq_len=dc.seq_len, val_fraction=dc.validation_fraction,
                   data_dir=os.path.join(data_dir, name), file_format="array_record")
     builder.download_and_prepare()
-    out = {split: builder.as_data_source(split=tfds.split_for_jax_process(split))
-           for split in ("train", "validation")}
+    out = {split: builder.as_data_source(split=split) for split in ("train", "validation")}
     if len(out["train"]) == 0:
         raise ValueError(f"Dataset {name} has an empty training split.")
     return out

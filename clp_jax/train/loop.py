@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clp_jax.train import data as data_lib
+from clp_jax.train import multihost
 from clp_jax.drafting.checkpoint import CheckpointError, TrainCheckpoints, backbone_fingerprint
 from clp_jax.train.step import Trainer
 
@@ -26,7 +27,8 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
 
     The batch of step s is a function of s alone (data.batch_indices), so a resumed run reads exactly
     the records an uninterrupted run would. Ctrl-C saves the last finished step before exiting.
-    `hidden_fn(indices, batch)` returns the backbone's hidden states of those records.
+    `hidden_fn(indices, batch)` returns the backbone's hidden states of those records. `batch_size`
+    is global: on several processes each loads the hidden states of its own rows (multihost.process_rows).
     """
     from tqdm.auto import tqdm
 
@@ -52,14 +54,16 @@ def fit(trainer: Trainer, source, *, steps: int, batch_size: int, seed: int,
     try:
         while trainer.step_count < steps:
             idx = data_lib.batch_indices(len(source), trainer.step_count, batch_size, seed)
-            batch = data_lib.get_batch(source, idx)
-            batch["hidden"] = hidden_fn(idx, batch)
+            batch = data_lib.get_batch(source, idx)  # token rows of the global batch: small
+            tokens = int(batch["mask"].sum())
             if positions_per_row:
                 batch["positions"] = sample_positions(batch["mask"], positions_per_row, seed, trainer.step_count)
+            mine = multihost.process_rows(trainer.mesh, len(idx))
+            batch = {k: v[mine] for k, v in batch.items()}
+            batch["hidden"] = hidden_fn(idx[mine], batch)
             t0 = time.perf_counter()
             metrics = trainer.step(batch)
-            metrics.update(step=trainer.step_count, seconds=time.perf_counter() - t0,
-                           tokens=int(batch["mask"].sum()))
+            metrics.update(step=trainer.step_count, seconds=time.perf_counter() - t0, tokens=tokens)
             history.append(metrics)
             if log:
                 log.write(json.dumps(metrics) + "\n")
@@ -108,10 +112,12 @@ def evaluate(trainer: Trainer, source, *, batch_size: int, hidden_fn, full_vocab
     for start in tqdm(range(0, len(source), batch_size), desc="evaluating", disable=not progress):
         idx = np.arange(start, min(start + batch_size, len(source)))
         batch = data_lib.get_batch(source, idx)
-        batch["hidden"] = hidden_fn(idx, batch)
+        n = int(batch["mask"].sum())  # of the global batch
+        mine = multihost.process_rows(trainer.mesh, len(idx))
+        batch = {k: v[mine] for k, v in batch.items()}
+        batch["hidden"] = hidden_fn(idx[mine], batch)
         m = trainer.evaluate(batch, full_vocab=full_vocab)
         confusion = confusion + np.asarray(m.pop("clp_confusion"))
-        n = int(batch["mask"].sum())
         weight += n
         for key, value in m.items():
             totals[key] = totals.get(key, 0.0) + value * n
@@ -221,11 +227,11 @@ def run(cfg: dict, progress: bool = True) -> dict:
     dc = data_lib.DataConfig(**{k: tuple(v) if k == "sources" else v for k, v in cfg.get("data", {}).items()})
     mesh = MeshConfig(**cfg.get("mesh", {})).make() if cfg.get("mesh") else None
     check_batch_sizes(rc, mesh)
-    # batch sizes are global; on a multi-host pod each process loads its share from its own data shard
-    local_batch, local_eval_batch = (rc[key] // jax.process_count() for key in ("batch_size", "eval_batch_size"))
+    # batch sizes are global: on several processes each loads the rows its devices hold (multihost.py)
+    shared = multihost.shared_directory(cache_dir())  # caches built by process 0 alone, or by every host
     model_cfg = cfg.get("model", {})
-    backbone = load_backbone(model_cfg.get("name", "demo"), dtype=model_cfg.get("dtype", "float32"),
-                             progress=progress)
+    backbone = multihost.once("backbone", lambda: load_backbone(
+        model_cfg.get("name", "demo"), dtype=model_cfg.get("dtype", "float32"), progress=progress), shared)
     hc = HeadsConfig(hidden_size=backbone.cfg.hidden_size, vocab_size=backbone.cfg.vocab_size,
                      **cfg.get("heads", {}))
     heads = Heads(hc, rngs=nnx.Rngs(rc["seed"]))
@@ -239,9 +245,12 @@ def run(cfg: dict, progress: bool = True) -> dict:
                         backbone.eos_token_ids)
     pad = backbone.tokenizer.pad_token_id or 0
     name = data_lib.dataset_name(dc, backbone.source)
-    ds = data_lib.build_dataset(dc, name, lambda: data_lib.records(dc, backbone.tokenizer, generate, pad,
-                                                                   batch=rc["gen_batch_size"], progress=progress),
-                                cache_dir("datasets"))
+
+    def rows():  # process 0 alone calls it when the cache directory is shared
+        print(f"process {jax.process_index()}: self-distilling dataset {name}", file=sys.stderr)
+        return data_lib.records(dc, backbone.tokenizer, generate, pad, batch=rc["gen_batch_size"], progress=progress)
+
+    ds = multihost.once("dataset", lambda: data_lib.build_dataset(dc, name, rows, cache_dir("datasets")), shared)
     train_src, val_src = ds["train"], ds["validation"]
     vocab = None
     if rc["vocab"] == "corpus":
@@ -250,10 +259,11 @@ def run(cfg: dict, progress: bool = True) -> dict:
     elif rc["vocab"] != "full":
         raise ValueError(f"run.vocab must be 'corpus' or 'full', got {rc['vocab']!r}.")
     hidden_dir = ensure_dir(os.path.join(cache_dir("datasets"), name, "hidden"))
-    hidden_train = cached_hidden_fn(backbone.model, train_src, progress=progress,
-                                    path=os.path.join(hidden_dir, f"train-{backbone.cfg.dtype}.npy"))
-    hidden_val = cached_hidden_fn(backbone.model, val_src, progress=progress,
-                                  path=os.path.join(hidden_dir, f"validation-{backbone.cfg.dtype}.npy"))
+    hidden_train = multihost.cached_hidden_fn(backbone.model, train_src, progress=progress, shared=shared,
+                                              path=os.path.join(hidden_dir, f"train-{backbone.cfg.dtype}.npy"))
+    hidden_val = multihost.cached_hidden_fn(backbone.model, val_src, progress=progress, shared=shared,
+                                            path=os.path.join(hidden_dir, f"validation-{backbone.cfg.dtype}.npy"))
+    writer = multihost.is_writer()  # the one process that writes metrics, eval.json and plots
     data_meta = {"dataset": name, "batch_size": rc["batch_size"], "seed": rc["seed"], "vocab": rc["vocab"],
                  "vocab_size": rc["vocab_size"], "positions_per_row": rc["positions_per_row"],
                  "clp_fraction": rc["clp_fraction"] if rc["clp_steps"] else 0}
@@ -265,32 +275,35 @@ def run(cfg: dict, progress: bool = True) -> dict:
     trainer = Trainer(backbone.model, heads, tc, mesh, vocab=vocab)
     ckpt_root = rc["checkpoint_dir"] or out_dir
     with TrainCheckpoints(os.path.join(ckpt_root, "checkpoints"), rc["save_every"], rc["keep"]) as ckpts:
-        history = fit(trainer, heads_src, steps=rc["steps"], batch_size=local_batch, seed=rc["seed"],
+        history = fit(trainer, heads_src, steps=rc["steps"], batch_size=rc["batch_size"], seed=rc["seed"],
                       hidden_fn=hidden_train, ckpts=ckpts, meta=meta, progress=progress,
-                      log_path=os.path.join(out_dir, "metrics.jsonl"), positions_per_row=rc["positions_per_row"],
-                      tensorboard_dir=os.path.join(out_dir, "tensorboard"))
+                      log_path=os.path.join(out_dir, "metrics.jsonl") if writer else None,
+                      positions_per_row=rc["positions_per_row"],
+                      tensorboard_dir=os.path.join(out_dir, "tensorboard") if writer else None)
     if n_clp:
         clp_src = data_lib.Subset(train_src, len(train_src) - n_clp, len(train_src))
         tc_clp = dataclasses.replace(tc, phase="clp", learning_rate=rc["clp_learning_rate"])
         trainer = Trainer(backbone.model, trainer.heads(), tc_clp, mesh)  # full vocabulary: honest L*
         with TrainCheckpoints(os.path.join(ckpt_root, "checkpoints_clp"), rc["save_every"], rc["keep"]) as ckpts:
-            history += fit(trainer, clp_src, steps=rc["clp_steps"], batch_size=local_batch, seed=rc["seed"],
+            history += fit(trainer, clp_src, steps=rc["clp_steps"], batch_size=rc["batch_size"], seed=rc["seed"],
                            hidden_fn=lambda idx, b: hidden_train(idx + clp_src.offset, b), ckpts=ckpts,
                            meta=run_meta(hc, backbone.cfg, {**data_meta, "positions_per_row": rc["clp_positions_per_row"]},
-                                         tc_clp), progress=progress, log_path=os.path.join(out_dir, "metrics_clp.jsonl"),
+                                         tc_clp), progress=progress,
+                           log_path=os.path.join(out_dir, "metrics_clp.jsonl") if writer else None,
                            positions_per_row=rc["clp_positions_per_row"])
     seconds = time.perf_counter() - t0
-    result = evaluate(trainer, val_src, batch_size=local_eval_batch, hidden_fn=hidden_val, progress=progress)
+    result = evaluate(trainer, val_src, batch_size=rc["eval_batch_size"], hidden_fn=hidden_val, progress=progress)
     result.update(train_seconds=seconds, steps_run=len(history),
                   train_tokens_per_second=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
                   records_train=len(train_src), records_validation=len(val_src))
     final = trainer.heads()
     if vocab is not None:  # the heads learnt to score these ids only: decoding drafts from them
         final = final.with_draft_vocab(vocab)
-    checkpoint.save_heads(os.path.join(out_dir, "heads"), final, backbone.cfg, {"eval": result})
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
+    checkpoint.save_heads(os.path.join(out_dir, "heads"), final, backbone.cfg, {"eval": result})  # collective
+    if writer:
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
     return result
 
 
