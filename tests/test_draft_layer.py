@@ -137,3 +137,16 @@ def test_draft_cache_shape(model):
     assert isinstance(cache, LayerCache)
     assert cache.k.shape == (2, 48, model.cfg.num_kv_heads, model.cfg.head_dim)
     assert Heads(HeadsConfig.for_backbone(model.cfg, k=2), rngs=nnx.Rngs(0)).init_cache(2, 48) == ()
+
+
+def test_draft_layer_checkpoint_round_trip(model, tmp_path, prompts):
+    from clp_jax.drafting.checkpoint import export_heads, load_heads, save_heads
+
+    heads = draft_heads(model, vocab=np.arange(0, 128, 3))
+    save_heads(str(tmp_path / "h"), heads, model.cfg)
+    back = load_heads(str(tmp_path / "h"), model.cfg)
+    assert back.cfg == heads.cfg and back.cfg.kind == "draft_layer"
+    dc = DecodeConfig(mode="clp", k=3, max_new_tokens=8)
+    assert Decoder(model, back, dc).generate(prompts).tokens == Decoder(model, heads, dc).generate(prompts).tokens
+    small = export_heads(str(tmp_path / "h"), str(tmp_path / "bf16"))
+    assert small.drafter.fuse[...].dtype == jnp.bfloat16
