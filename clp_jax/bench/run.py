@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -28,6 +29,8 @@ import numpy as np
 from clp_jax.bench import quality
 from clp_jax.decode.loop import DecodeConfig, Decoder, _bucket, MIN_PROMPT_BUCKET
 from clp_jax.bench.peers import PEERS
+from clp_jax.decode import options
+from clp_jax.model.numerics import acceptance_ratio
 
 SETS = ("humaneval", "chat")
 MTP_MODES = ("clp", "verify", "confadapt", "gate")
@@ -122,7 +125,7 @@ def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | 
     if runs[0].offered is not None:
         offered = sum(r.offered for r in runs)
         accepted = sum(r.accepted for r in runs)
-        out["head_acceptance"] = np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0).round(4).tolist()
+        out["head_acceptance"] = acceptance_ratio(accepted, offered).round(4).tolist()
     for n in (2, 3, 4):
         out[f"rep{n}"] = float(np.mean([quality.rep_n(r.tokens, n) for r in runs]))
     if passed is not None:
@@ -158,6 +161,7 @@ def _split(s: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.command = "python -m clp_jax.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -173,7 +177,6 @@ def _load_backbone(args):
 
 def run(args) -> int:
     from clp_jax.bench import report as bench_report
-    from clp_jax.drafting import checkpoint
 
     sets, modes, peers = _split(args.sets), _split(args.modes), _split(args.peers)
     for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, PEERS)):
@@ -184,9 +187,10 @@ def run(args) -> int:
         raise ValueError("--sets names no prompt set.")
     taus = [float(t) for t in _split(args.taus)]
     mtp = [m for m in modes if m != "ar"]
-    heads_src = checkpoint.heads_source(args.heads, args.model, mtp[0] if mtp else "ar")
+    options.check_decode_args(args)
+    heads_src = options.heads_source(args.heads, args.model, mtp[0] if mtp else "ar", args.k)
     backbone = _load_backbone(args)
-    heads = checkpoint.build_heads(heads_src, backbone.cfg, args.k)
+    heads = options.build_heads(heads_src, backbone.cfg, args.k)
     k = args.k or (heads.cfg.k if heads is not None else 1)
     samples = load_samples(backbone.tokenizer, sets, args.limit)
     verify_ks = [int(x) for x in _split(args.verify_ks)]

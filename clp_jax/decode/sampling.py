@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from clp_jax.model.numerics import NEG_INF
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -42,7 +42,14 @@ class DataConfig:
         if self.mode not in ("self_distill", "data"):
             raise ValueError(f"data.mode must be 'self_distill' or 'data', got {self.mode!r}.")
         if self.mode == "self_distill" and not 0 < self.prompt_len < self.seq_len:
-            raise ValueError(f"prompt_len ({self.prompt_len}) must be in (0, seq_len={self.seq_len}).")
+            raise ValueError(f"data.prompt_len ({self.prompt_len}) must be in (0, seq_len={self.seq_len}).")
+        for name in ("seq_len", "max_records", "max_files"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        if not self.sources:
+            raise ValueError("data.sources is empty: name 'stdlib', files, directories or tfds:NAME.")
 
 
 def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]:
