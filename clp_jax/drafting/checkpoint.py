@@ -121,7 +121,7 @@ def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
     return out
 
 
-SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "shipped")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shipped")  # clp_jax/shipped
 
 
 def shipped_heads_path(model_name: str) -> str | None:

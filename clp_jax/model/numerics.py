@@ -1,4 +1,4 @@
-"""Shared numerical constants and helpers, in the lowest floor so every floor can use them."""
+"""Numeric constants and small helpers shared by the model, the drafters, decoding and training."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NEG_INF = -1e30  # a finite "minus infinity": masked logits and scores never turn softmax into NaN
+NEG_LOGIT = -1e30  # a finite "minus infinity": masked softmax rows and sampling stay NaN-free
 
 
 def prefix_len(ok: jax.Array) -> jax.Array:
@@ -15,6 +15,6 @@ def prefix_len(ok: jax.Array) -> jax.Array:
 
 
 def acceptance_ratio(accepted, offered) -> np.ndarray:
-    """accepted / offered element-wise, 0 where nothing was offered (per-head acceptance)."""
+    """accepted / offered element-wise (host arrays), 0 where nothing was offered: per-head acceptance."""
     accepted, offered = np.asarray(accepted), np.asarray(offered)
     return np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0)
