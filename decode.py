@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from clp_jax.decode import loop as decoding
@@ -47,7 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    options.setup_logging()
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as e:  # bad input: one line, not a traceback

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 import jax
 
+from clp_jax.decode import options
 from clp_jax.train import pipeline
 from clp_jax.train.run_config import load_config
 from clp_jax.weights import loading
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
                    help="override a config value, e.g. --set train.learning_rate=3e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    options.setup_logging()
     try:
         # Every value is checked before anything heavy starts (backbone load, dataset build, compilation).
         cfg = load_config(args.config, args.set)

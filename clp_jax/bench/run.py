@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import logging
 import os
 import platform
 import resource
@@ -161,7 +160,7 @@ def _split(s: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.command = "python -m clp_jax.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    options.setup_logging()
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

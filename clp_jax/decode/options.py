@@ -21,6 +21,21 @@ log = logging.getLogger(__name__)
 ZERO = "zero"  # --heads zero: untrained zero-initialised heads
 
 
+def setup_logging(level: int = logging.INFO) -> None:
+    """For the command lines: the library's progress lines (logger 'clp_jax') on stderr, as plain lines.
+
+    Only the package's own logger is configured, so third-party INFO chatter (absl, Orbax) stays quiet.
+    """
+    logger = logging.getLogger("clp_jax")
+    if not any(getattr(h, "_clp_jax", False) for h in logger.handlers):
+        handler = logging.StreamHandler()  # sys.stderr
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._clp_jax = True
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 class UsageError(ValueError):
     """A command-line value is out of range or inconsistent (exit status 2)."""
 

@@ -87,13 +87,15 @@ def run(cfg: Config, progress: bool = True) -> dict:
     out_dir = rc.out_dir
     os.makedirs(out_dir, exist_ok=True)
 
-    generator = Decoder(backbone.model, None, DecodeConfig(mode="ar", max_new_tokens=dc.seq_len - dc.prompt_len),
-                        backbone.eos_token_ids)
+    generate = None
+    if dc.mode == "self_distill":  # the backbone's own greedy continuations are the targets
+        generator = Decoder(backbone.model, None, DecodeConfig(mode="ar", max_new_tokens=dc.seq_len - dc.prompt_len),
+                            backbone.eos_token_ids)
+        generate = lambda prompts: generator.generate(prompts).tokens  # noqa: E731
     pad = backbone.tokenizer.pad_token_id or 0
     name = data_lib.dataset_name(dc, backbone.source)
     ds = data_lib.build_dataset(dc, name, lambda: data_lib.records(
-        dc, backbone.tokenizer, lambda prompts: generator.generate(prompts).tokens, pad, batch=rc.gen_batch_size,
-        progress=progress), cache_dir("datasets"))
+        dc, backbone.tokenizer, generate, pad, batch=rc.gen_batch_size, progress=progress), cache_dir("datasets"))
     train_src, val_src = ds["train"], ds["validation"]
     vocab = None
     if rc.vocab == "corpus":
