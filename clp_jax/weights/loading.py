@@ -11,16 +11,21 @@ import dataclasses
 import glob
 import hashlib
 import json
-import os
 import logging
+import os
 import shutil
 import struct
 import tempfile
 import time
 
-from clp_jax.weights import assets
+import gguf
+from flax import nnx
+from safetensors.flax import load_file, save_file
+
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.qwen2 import Qwen2
+from clp_jax.model.qwen2 import Qwen2, abstract_model
+from clp_jax.weights import assets, convert
+from clp_jax.weights.convert import flat_params, model_from_flat
 from clp_jax.weights.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -120,7 +125,7 @@ def _check_safetensors(path: str) -> None:
 
 def _download_from_hub(repo_id: str) -> str:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for hub ids
 
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
@@ -160,12 +165,8 @@ def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
 
 def _convert(kind: str, path: str, dtypes: dict, progress: bool):
     """(model, tokenizer) of a source; a GGUF file is opened once for both."""
-    from clp_jax.weights import convert
-
     try:
         if kind == "gguf":
-            import gguf
-
             reader = gguf.GGUFReader(path)
             return (convert.convert_gguf(path, progress=progress, reader=reader, **dtypes),
                     tokenizer_from_gguf(path, reader=reader))
@@ -179,10 +180,6 @@ def _convert(kind: str, path: str, dtypes: dict, progress: bool):
 
 
 def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> None:
-    from safetensors.flax import save_file
-
-    from clp_jax.weights.convert import flat_params
-
     parent = os.path.dirname(entry)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
     try:
@@ -199,12 +196,7 @@ def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> No
 
 
 def _load_cache(entry: str, dtype: str):
-    from safetensors.flax import load_file
-    from transformers import AutoTokenizer
-
-    from clp_jax.weights.convert import model_from_flat
-    from clp_jax.model.qwen2 import abstract_model
-    from flax import nnx
+    from transformers import AutoTokenizer  # heavy (~2 s): only when a cache entry is read
 
     with open(os.path.join(entry, "meta.json")) as f:
         meta = json.load(f)
