@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -35,6 +36,8 @@ from clp_jax.decode.prompts import CHAT_PROMPTS, encode
 from clp_jax.drafting.heads import param_summary
 from clp_jax.model.numerics import acceptance_ratio
 from clp_jax.weights import loading
+
+log = logging.getLogger(__name__)
 
 SETS = ("humaneval", "chat")
 MTP_MODES = ("clp", "verify", "confadapt", "gate")
@@ -229,7 +232,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
 
         peer = TransformersPeer(backbone.model, backbone.eos_token_ids, backbone.tokenizer.pad_token_id)
         peer.generate(samples[0].ids, 2)  # first-call overheads
-    print(f"compiled {len(decoders)} decoders in {time.perf_counter() - t_compile:.1f} s", file=sys.stderr)
+    log.info("compiled %d decoders in %.1f s", len(decoders), time.perf_counter() - t_compile)
 
     max_new_tokens = next(iter(configs.values())).max_new_tokens
     runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + list(peers)}
