@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     try:
         # Every value is checked before anything heavy starts (backbone load, dataset build, compilation).
         cfg = load_config(args.config, args.set)
-        loading.check_source(cfg.model.name)
+        loading.check_source(cfg.model.name, flag="model.name")
         if cfg.mesh is not None and cfg.mesh.distributed:
             jax.distributed.initialize()  # multi-host pods: one process per host
         result = pipeline.run(cfg, progress=not args.no_progress)

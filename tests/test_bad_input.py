@@ -106,7 +106,7 @@ CASES = [
      "train.learning_rate must be > 0, got -1.0"),
     ("steps0", "train.py", ["--config", DEMO, "--set", "run.steps=0"], "run.steps must be >= 1, got 0"),
     ("steps_float", "train.py", ["--config", DEMO, "--set", "run.steps=1.5"], "run.steps = 1.5: expected an integer"),
-    ("heads_k0", "train.py", ["--config", DEMO, "--set", "heads.k=0"], "HeadsConfig.k must be >= 1, got 0"),
+    ("heads_k0", "train.py", ["--config", DEMO, "--set", "heads.k=0"], "heads.k must be >= 1, got 0"),
     ("vocab_word", "train.py", ["--config", DEMO, "--set", "run.vocab=tiny"], "run.vocab must be 'corpus' or 'full'"),
     ("sources_empty", "train.py", ["--config", DEMO, "--set", "data.sources=[]"],
      "data.sources = []: expected a list of strings"),
@@ -118,7 +118,7 @@ CASES = [
     ("toml_broken", "train.py", ["--config", "{not_toml}"], "is not valid TOML"),
     ("config_missing", "train.py", ["--config", "/nonexistent.toml"], "Config '/nonexistent.toml' does not exist"),
     ("train_model_missing", "train.py", ["--config", DEMO, "--set", 'model.name="/nonexistent.gguf"'],
-     "/nonexistent.gguf does not exist"),
+     "model.name '/nonexistent.gguf': file or directory /nonexistent.gguf does not exist"),
 ]
 
 
@@ -164,6 +164,7 @@ def test_bad_input_fails_fast_with_one_line(results, name):
     assert not any(h in proc.stderr for h in HEAVY), proc.stderr  # nothing heavy started, no traceback
     assert proc.stdout == ""
     assert seconds < MAX_SECONDS, f"{name} took {seconds:.1f} s"
+    print(f"{seconds:5.1f} s  {name}: {lines[-1]}")
 
 
 def test_the_users_files_are_untouched(results):

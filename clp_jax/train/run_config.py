@@ -156,7 +156,10 @@ def build(tables: dict) -> Config:
     kw = {name: _section(name, table) for name, table in tables.items()}
     try:
         heads = kw.get("heads", {})
-        HeadsConfig(hidden_size=1, vocab_size=1, **heads)  # range checks of the heads' own fields
+        try:
+            HeadsConfig(hidden_size=1, vocab_size=1, **heads)  # range checks of the heads' own fields
+        except ValueError as e:
+            raise ConfigError(str(e).replace("HeadsConfig.", "heads.")) from e
         return Config(model=ModelSource(**kw.get("model", {})), heads=heads, data=DataConfig(**kw.get("data", {})),
                       train=TrainConfig(**kw.get("train", {})),
                       mesh=TrainMeshConfig(**kw["mesh"]) if "mesh" in kw else None,

@@ -62,11 +62,11 @@ def resolve_source(name: str, progress: bool = True) -> tuple[str, str]:
     return kind, path
 
 
-def check_source(name: str) -> tuple[str, str]:
+def check_source(name: str, flag: str = "--model") -> tuple[str, str]:
     """Cheap checks of a --model value, reading headers only: (kind, path), kind in {'demo', 'gguf', 'hf',
-    'hub'}. A missing, truncated, corrupt or foreign file raises ModelFileError naming it."""
+    'hub'}. A missing, truncated, corrupt or foreign file raises ModelFileError naming it (and `flag`)."""
     if not name or not name.strip():
-        raise ModelFileError("--model is empty: give 'demo', a .gguf file, a Hugging Face directory or hub id.")
+        raise ModelFileError(f"{flag} is empty: give 'demo', a .gguf file, a Hugging Face directory or hub id.")
     if name == DEMO:
         return "demo", name
     expanded = os.path.abspath(os.path.expanduser(name))
@@ -84,7 +84,7 @@ def check_source(name: str) -> tuple[str, str]:
         raise ModelFileError(f"{expanded} is a file but not a GGUF file: give a .gguf file, or the Hugging "
                              "Face directory that holds config.json and *.safetensors.")
     if expanded.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelFileError(f"--model {name!r}: file or directory {expanded} does not exist (nor is it "
+        raise ModelFileError(f"{flag} {name!r}: file or directory {expanded} does not exist (nor is it "
                              "'demo' or a hub id like 'Qwen/Qwen2.5-0.5B-Instruct').")
     return "hub", name
 
