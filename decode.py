@@ -6,9 +6,12 @@ import argparse
 import sys
 
 from clp_jax.decode import loop as decoding
+from clp_jax.decode import options
+from clp_jax.decode import prompts as prompts_lib
 from clp_jax.decode import report
 from clp_jax.decode.loop import DecodeConfig, Decoder
 from clp_jax.decode.sampling import SamplingConfig
+from clp_jax.weights import loading
 
 
 def parse_args(argv=None):
@@ -43,29 +46,27 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    options.setup_logging()
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback
+    except (ValueError, OSError, RuntimeError) as e:  # bad input: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def run(args) -> int:
-    from clp_jax.drafting import checkpoint
-    from clp_jax.weights import loading
-    from clp_jax.decode import prompts as prompts_lib
-
+    # Everything a user gave is checked first: a wrong value fails in a second, not after the backbone load.
+    options.check_decode_args(args)
     sampling_cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1.")
     if not (args.prompt or args.prompts_file or args.chat):
         args.prompt = ["def fibonacci(n):"]
     raw = list(args.prompt or []) + (prompts_lib.read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    heads_source = checkpoint.heads_source(args.heads, args.model, args.mode)  # fails before the slow load
+    loading.check_source(args.model)
+    heads_source = options.heads_source(args.heads, args.model, args.mode, args.k)
     backbone = loading.load_backbone(args.model, dtype=args.dtype)
     print(f"backbone {backbone.source} ({'cached' if backbone.from_cache else 'converted'} in "
           f"{backbone.load_seconds:.1f} s)", file=sys.stderr)
-    heads = checkpoint.build_heads(heads_source, backbone.cfg, args.k)
+    heads = options.build_heads(heads_source, backbone.cfg, args.k)
     k = args.k or (heads.cfg.k if heads is not None else 1)
     dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
                       tau=args.tau, clp_confidence=args.clp_confidence, verify_drafts=args.verify_drafts,

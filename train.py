@@ -6,6 +6,13 @@ import argparse
 import json
 import sys
 
+import jax
+
+from clp_jax.decode import options
+from clp_jax.train import pipeline
+from clp_jax.train.run_config import load_config
+from clp_jax.weights import loading
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
@@ -14,17 +21,15 @@ def main(argv=None) -> int:
                    help="override a config value, e.g. --set train.learning_rate=3e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-
-    from clp_jax.train import loop as train_loop
-    from clp_jax.train import multihost
-
+    options.setup_logging()
     try:
-        cfg = train_loop.load_config(args.config, args.set)
-        if cfg.get("mesh", {}).get("distributed"):
-            cfg["mesh"].pop("distributed")
+        # Every value is checked before anything heavy starts (backbone load, dataset build, compilation).
+        cfg = load_config(args.config, args.set)
+        loading.check_source(cfg.model.name, flag="model.name")
+        if cfg.mesh is not None and cfg.mesh.distributed:
             multihost.initialize()  # one process per pod host (see clp_jax/train/multihost.py)
-        result = train_loop.run(cfg, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        result = pipeline.run(cfg, progress=not args.no_progress)
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

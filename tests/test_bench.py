@@ -3,8 +3,9 @@
 import json
 import os
 
-import numpy as np
+import jax
 import pytest
+from flax import nnx
 
 from clp_jax.bench import run as bench
 from clp_jax.bench import quality
@@ -56,9 +57,12 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     modes = report["modes"]
     assert list(modes) == ["ar", "clp", "clp@p0.9", "verify", "verify@k1", "confadapt@0.5", "gate",
                            "hf_greedy", "hf_lookup"]
-    for m in modes.values():
-        for key in ("speedup", "exact_match", "tokens_per_pass", "rep2", "rep3", "rep4", "pass_at_1"):
-            assert np.isfinite(m[key]), key
+    for label, m in modes.items():
+        # speedup is the tokens/s ratio to ar's (decode-only; end to end for the peers, which cannot separate
+        # prefill); two prompts and one HumanEval problem give these fractions
+        rate = "tokens_per_s_e2e" if label.startswith("hf_") else "tokens_per_s"
+        assert m["speedup"] == pytest.approx(m[rate] / modes["ar"][rate]), label
+        assert m["exact_match"] in (0.0, 0.5, 1.0) and m["pass_at_1"] in (0.0, 1.0), label
         assert set(m["sets"]) == {"humaneval", "chat"}
     assert modes["ar"]["speedup"] == 1.0 and modes["ar"]["exact_match"] == 1.0
     assert modes["ar"]["tokens_per_pass"] == pytest.approx(1.0)
@@ -67,7 +71,8 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert modes["hf_greedy"]["exact_match"] == 1.0
     assert modes["hf_lookup"]["exact_match"] == 1.0
     assert len(modes["clp"]["head_acceptance"]) == 2
-    assert modes["verify"]["memory_bytes"] > 0 and modes["verify"]["compile_seconds"] > 0
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(backbone.model, nnx.Param)))
+    assert modes["verify"]["memory_bytes"] >= weight_bytes  # XLA's analysis counts the weights it reads
     assert 0 < report["meta"]["roofline"]["fraction_of_roofline"]
     assert report["meta"]["prompts"] == {"humaneval": 1, "chat": 1}
     for name in ("bench.md", "speedup_vs_quality.png", "acceptance.png"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.drafting.checkpoint import CheckpointError, export_heads, heads_source, load_heads, save_heads
+from clp_jax.decode.options import UsageError, heads_source
+from clp_jax.drafting.checkpoint import CheckpointError, export_heads, load_heads, save_heads
 
 from helpers import random_heads, tiny_config
 
@@ -83,12 +84,19 @@ def test_heads_source_fails_before_loading_anything(tmp_path):
         heads_source(None, "some.gguf", "clp")
     with pytest.raises(CheckpointError, match="does not exist"):
         heads_source(str(tmp_path / "missing"), "demo", "verify")
+    cfg = tiny_config()
+    save_heads(str(tmp_path / "h"), random_heads(cfg, 2), cfg)
+    assert heads_source(str(tmp_path / "h"), "demo", "verify", k=2) == str(tmp_path / "h")
+    with pytest.raises(UsageError, match="--k 3 is more than the 2 heads"):
+        heads_source(str(tmp_path / "h"), "demo", "verify", k=3)
 
 
 def test_decode_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     import decode
 
     assert decode.main(["--mode", "clp", "--model", str(tmp_path / "x.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err  # the model is checked before the heads
+    assert decode.main(["--mode", "clp", "--model", "nothing/shipped"]) == 2
     assert "needs MTP heads" in capsys.readouterr().err
     assert decode.main(["--mode", "ar", "--model", str(tmp_path / "x.gguf")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -11,8 +11,6 @@ import dataclasses
 import time
 from typing import Sequence
 
-import numpy as np
-
 from clp_jax.weights.convert import hf_tensors
 from clp_jax.model.qwen2 import Qwen2
 

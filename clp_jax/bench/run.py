@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -24,10 +25,19 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from clp_jax.bench import quality
+from clp_jax.bench import quality, roofline
+from clp_jax.bench import report as bench_report
+from clp_jax.bench.peers import PEERS, TransformersPeer
+from clp_jax.decode import options
 from clp_jax.decode.loop import DecodeConfig, Decoder, _bucket, MIN_PROMPT_BUCKET
-from clp_jax.bench.peers import PEERS
+from clp_jax.decode.prompts import CHAT_PROMPTS, encode
+from clp_jax.drafting.heads import param_summary
+from clp_jax.model.numerics import acceptance_ratio
+from clp_jax.weights import loading
+
+log = logging.getLogger(__name__)
 
 SETS = ("humaneval", "chat")
 MTP_MODES = ("clp", "verify", "confadapt", "gate")
@@ -54,8 +64,6 @@ class Run:
 
 
 def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Sample]:
-    from clp_jax.decode.prompts import CHAT_PROMPTS, encode
-
     samples = []
     if "humaneval" in sets:
         for p in quality.humaneval_problems(limit):
@@ -122,7 +130,7 @@ def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | 
     if runs[0].offered is not None:
         offered = sum(r.offered for r in runs)
         accepted = sum(r.accepted for r in runs)
-        out["head_acceptance"] = np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0).round(4).tolist()
+        out["head_acceptance"] = acceptance_ratio(accepted, offered).round(4).tolist()
     for n in (2, 3, 4):
         out[f"rep{n}"] = float(np.mean([quality.rep_n(r.tokens, n) for r in runs]))
     if passed is not None:
@@ -158,6 +166,7 @@ def _split(s: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.command = "python -m clp_jax.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    options.setup_logging()
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -166,14 +175,10 @@ def main(argv=None) -> int:
 
 
 def _load_backbone(args):
-    from clp_jax.weights import loading
-
     return loading.load_backbone(args.model, dtype=args.dtype, progress=not args.no_progress)
 
 
 def run(args) -> int:
-    from clp_jax.bench import report as bench_report
-    from clp_jax.drafting import checkpoint
 
     sets, modes, peers = _split(args.sets), _split(args.modes), _split(args.peers)
     for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, PEERS)):
@@ -184,9 +189,10 @@ def run(args) -> int:
         raise ValueError("--sets names no prompt set.")
     taus = [float(t) for t in _split(args.taus)]
     mtp = [m for m in modes if m != "ar"]
-    heads_src = checkpoint.heads_source(args.heads, args.model, mtp[0] if mtp else "ar")
+    options.check_decode_args(args)
+    heads_src = options.heads_source(args.heads, args.model, mtp[0] if mtp else "ar", args.k)
     backbone = _load_backbone(args)
-    heads = checkpoint.build_heads(heads_src, backbone.cfg, args.k)
+    heads = options.build_heads(heads_src, backbone.cfg, args.k)
     k = args.k or (heads.cfg.k if heads is not None else 1)
     samples = load_samples(backbone.tokenizer, sets, args.limit)
     verify_ks = [int(x) for x in _split(args.verify_ks)]
@@ -212,10 +218,6 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
             peers: Sequence[str] = (), lookup_tokens: int = 10, timeout: float = 10.0,
             progress: bool = True) -> dict:
     """Compiles every decoder, decodes each prompt with every method in turn, scores; returns the report."""
-    from tqdm.auto import tqdm
-
-    from clp_jax.bench import roofline
-    from clp_jax.drafting.heads import param_summary
 
     decoders = {label: Decoder(backbone.model, heads, dc, backbone.eos_token_ids) for label, dc in configs.items()}
     if "ar" not in decoders:
@@ -227,11 +229,10 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         warm_up(d, samples)
     peer = None
     if peers:
-        from clp_jax.bench.peers import TransformersPeer
 
         peer = TransformersPeer(backbone.model, backbone.eos_token_ids, backbone.tokenizer.pad_token_id)
         peer.generate(samples[0].ids, 2)  # first-call overheads
-    print(f"compiled {len(decoders)} decoders in {time.perf_counter() - t_compile:.1f} s", file=sys.stderr)
+    log.info("compiled %d decoders in %.1f s", len(decoders), time.perf_counter() - t_compile)
 
     max_new_tokens = next(iter(configs.values())).max_new_tokens
     runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + list(peers)}

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from clp_jax.decode.loop import Decoder, DecodeResult
+from clp_jax.decode.prompts import encode
 
 
 def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=sys.stdout) -> DecodeResult:
@@ -66,8 +67,6 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
 
 def chat_loop(decoder: Decoder, tok, seed: int = 0) -> int:
     """Interactive chat with the chat template; an empty line or EOF ends it."""
-    from clp_jax.decode.prompts import encode
-
     messages = []
     while True:
         try:

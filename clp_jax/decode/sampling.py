@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from clp_jax.model.numerics import NEG_LOGIT
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,7 +34,7 @@ def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
     logits = logits.astype(jnp.float32) / max(sc.temperature, 1e-6)
     if sc.top_k:
         kth = jax.lax.top_k(logits, sc.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, NEG_INF, logits)
+        logits = jnp.where(logits < kth, NEG_LOGIT, logits)
     p = jax.nn.softmax(logits, axis=-1)
     if sc.top_p < 1.0:
         sorted_p = -jnp.sort(-p, axis=-1)  # descending
@@ -51,7 +51,7 @@ def sample(key: jax.Array, p: jax.Array) -> jax.Array:
     """Draws one token per row of p [..., V]."""
     positive = p > 0
     # finite log-probabilities: no -inf and no denormal floor (XLA:CPU may flush it to zero)
-    logits = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), NEG_INF)
+    logits = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), NEG_LOGIT)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

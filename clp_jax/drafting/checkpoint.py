@@ -7,11 +7,14 @@ for heads trained on a sub-vocabulary, `draft_vocab.npy` (the token ids their dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from clp_jax.model.config import ModelConfig
@@ -37,8 +40,6 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
     On several processes every one calls it: the parameters (sharded over the processes' devices) are
     gathered, and process 0 alone writes the whole checkpoint on its disk; the others wait for it.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     state = nnx.to_pure_dict(nnx.state(heads, nnx.Param))
     options = {}
@@ -69,10 +70,20 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
         multihost_utils.sync_global_devices(f"clp_jax heads saved {path}")
 
 
+def read_heads_config(path: str) -> HeadsConfig:
+    """The HeadsConfig of a checkpoint from its small heads.json alone (cheap: nothing restored)."""
+    meta_path = os.path.join(os.path.abspath(os.path.expanduser(path)), _META)
+    try:
+        with open(meta_path) as f:
+            return HeadsConfig(**json.load(f)["heads_config"])
+    except FileNotFoundError as e:
+        raise CheckpointError(f"Heads checkpoint {path!r} has no {_META}.") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path} is corrupt ({e}).") from e
+
+
 def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
     """Restores heads; with backbone_cfg, checks they were trained for that backbone."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.path.expanduser(path))
     meta_path = os.path.join(path, _META)
     if not os.path.isdir(path):
@@ -117,10 +128,6 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
 def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
     """Copies a heads checkpoint with its parameters cast to `dtype` (e.g. bf16 to ship them at half
     the size); heads.json keeps the backbone fingerprint and every extra field (evaluation, ...)."""
-    import dataclasses
-
-    import jax.numpy as jnp
-
     heads = load_heads(src)
     with open(os.path.join(os.path.abspath(os.path.expanduser(src)), _META)) as f:
         meta = json.load(f)
@@ -132,97 +139,10 @@ def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
     return out
 
 
-SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "shipped")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shipped")  # clp_jax/shipped
 
 
 def shipped_heads_path(model_name: str) -> str | None:
     """The heads shipped in the package for a built-in backbone, if any."""
     path = os.path.join(SHIPPED_DIR, f"{model_name}_heads")
     return path if os.path.exists(os.path.join(path, _META)) else None
-
-
-def heads_source(heads_arg: str | None, model_name: str, mode: str) -> str | None:
-    """Where heads come from: 'zero', a checkpoint path, or None (`ar` needs none).
-
-    Cheap checks only, so that a wrong --heads fails before the backbone is loaded.
-    """
-    if mode == "ar" and heads_arg is None:
-        return None
-    if heads_arg == "zero":
-        return heads_arg
-    if heads_arg is None:
-        heads_arg = shipped_heads_path(model_name)
-        if heads_arg is None:
-            raise CheckpointError(
-                f"Mode {mode!r} needs MTP heads and none are shipped for --model {model_name!r}: pass "
-                "--heads PATH (a checkpoint written by train.py), --heads zero (untrained), or --mode ar.")
-    path = os.path.abspath(os.path.expanduser(heads_arg))
-    if not os.path.exists(os.path.join(path, _META)):
-        raise CheckpointError(f"Heads checkpoint {path!r} does not exist or has no {_META}. Train heads "
-                              "with train.py, or pass --heads zero for untrained heads.")
-    return path
-
-
-def build_heads(source: str | None, backbone_cfg: ModelConfig, k: int | None = None) -> Heads | None:
-    """Heads from `heads_source`'s answer, checked against the backbone."""
-    import sys
-
-    if source is None:
-        return None
-    if source == "zero":
-        print("Using untrained zero-initialised heads: every draft repeats the next token, so expect "
-              "few accepted drafts and a speedup below 1.", file=sys.stderr)
-        return Heads(HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size,
-                                 k=k or 4), rngs=nnx.Rngs(0))
-    return load_heads(source, backbone_cfg)
-
-
-class TrainCheckpoints:
-    """Orbax CheckpointManager over the training state (heads parameters and optimiser state).
-
-    Saves every `every` steps and at the end, keeps the last `keep`; `restore` returns the latest
-    step and state, or None. A step is written only after it succeeded (non-finite losses raise
-    before any save), so a broken state never overwrites a good checkpoint.
-    """
-
-    def __init__(self, directory: str, every: int, keep: int):
-        import orbax.checkpoint as ocp
-
-        # local paths are made absolute; URIs such as gs://bucket/run go to Orbax as they are
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                                                 create=True))
-
-    def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> bool:
-        import orbax.checkpoint as ocp
-
-        if step in self.manager.all_steps():  # e.g. the final save right after an interval save
-            return False
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(meta)), force=force)
-        self.manager.wait_until_finished()
-        return saved
-
-    def restore(self, params, opt_state):
-        """(step, params, opt_state, meta) of the latest checkpoint, restored onto the given
-        arrays' shardings, or None when there is none."""
-        import orbax.checkpoint as ocp
-
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return step, out.state["params"], out.state["opt_state"], out.meta
-
-    def close(self):
-        self.manager.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

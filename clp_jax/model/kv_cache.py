@@ -23,10 +23,6 @@ class LayerCache:
     k: jax.Array  # [B, S, K, H]
     v: jax.Array  # [B, S, K, H]
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
     def write(self, positions: jax.Array, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
         """Scatters k_new, v_new [B, T, K, H] at positions [B, T]; out-of-range positions are dropped."""
         rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)  # [B, T]

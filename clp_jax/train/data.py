@@ -23,6 +23,7 @@ import sysconfig
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl", ".json", ".rst")
 
@@ -42,7 +43,14 @@ class DataConfig:
         if self.mode not in ("self_distill", "data"):
             raise ValueError(f"data.mode must be 'self_distill' or 'data', got {self.mode!r}.")
         if self.mode == "self_distill" and not 0 < self.prompt_len < self.seq_len:
-            raise ValueError(f"prompt_len ({self.prompt_len}) must be in (0, seq_len={self.seq_len}).")
+            raise ValueError(f"data.prompt_len ({self.prompt_len}) must be in (0, seq_len={self.seq_len}).")
+        for name in ("seq_len", "max_records", "max_files"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        if not self.sources:
+            raise ValueError("data.sources is empty: name 'stdlib', files, directories or tfds:NAME.")
 
 
 def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]:
@@ -72,7 +80,7 @@ def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]
 
 def read_catalog(spec: str) -> Iterator[str]:
     """Texts of `tfds:NAME[:SPLIT[:FIELD]]` (field default 'text')."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
     _, name, *rest = spec.split(":")
     split = rest[0] if rest else "train"
@@ -127,8 +135,6 @@ def packed_rows(tokens: Iterator[int], length: int, limit: int) -> Iterator[np.n
 def records(dc: DataConfig, tokenizer, generate: Callable[[list[list[int]]], list[list[int]]] | None,
             pad_id: int, batch: int = 8, progress: bool = True) -> list[dict]:
     """All records of a corpus; `generate(prompts) -> continuations` is needed for self_distill."""
-    from tqdm.auto import tqdm
-
     files = source_files(dc.sources, dc.max_files, dc.seed)
     if dc.mode == "data":
         rows = list(packed_rows(token_stream(tokenizer, files), dc.seq_len, dc.max_records))
@@ -153,7 +159,7 @@ def dataset_name(dc: DataConfig, backbone_id: str) -> str:
 
 
 def _builder_class():
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
     class ClpTokenRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Token rows + loss masks, written as array_record (readable without TensorFlow)."""
@@ -193,6 +199,8 @@ def build_dataset(dc: DataConfig, name: str, rows: Callable[[], list[dict]], dat
     Every process opens the whole splits and reads only the rows of the global batch it holds
     (clp_jax.train.multihost): batches do not depend on the number of processes.
     """
+    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
+
     cls = _builder_class()
     builder = cls(rows=rows, seq_len=dc.seq_len, val_fraction=dc.validation_fraction,
                   data_dir=os.path.join(data_dir, name), file_format="array_record")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from clp_jax.model.numerics import prefix_len
 
 
 def shifted_targets(tokens: jax.Array, mask: jax.Array, k: int, offset: int) -> tuple[jax.Array, jax.Array]:
@@ -38,8 +41,7 @@ def head_weights(k: int, decay: float, warmup_steps: int, step: jax.Array) -> ja
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-position CE of logits [..., C] against integer labels [...]."""
-    logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -48,4 +50,4 @@ def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
 
 def clp_labels(correct: jax.Array, valid: jax.Array) -> jax.Array:
     """L* [B, T]: how many leading heads are right (correct, valid: [B, T, k])."""
-    return jnp.sum(jnp.cumprod((correct & valid).astype(jnp.int32), axis=-1), axis=-1)
+    return prefix_len(correct & valid)

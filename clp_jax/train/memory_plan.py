@@ -17,51 +17,48 @@ import math
 import os
 import sys
 
+import jax
+from flax import nnx
+
+from clp_jax.drafting.heads import Heads
+from clp_jax.model import sharding
+from clp_jax.model.config import known_geometry
+from clp_jax.model.qwen2 import abstract_model
+from clp_jax.train.run_config import Config, TrainMeshConfig, check_batch_sizes, load_config
+from clp_jax.train.step import make_optimizer
+
 GIB = 1 << 30
 
 
 def _bytes_per_device(tree, shardings) -> int:
-    import jax
-
     total = 0
     for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
         total += math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
     return total
 
 
-def plan(cfg: dict, devices=None) -> dict:
+def plan(cfg: Config, devices=None) -> dict:
     """Per-device bytes of backbone weights, heads, optimizer state and the logits estimate."""
-    import jax
-    from flax import nnx
-
-    from clp_jax.model import sharding
-    from clp_jax.train import loop as train_loop
-    from clp_jax.model.config import known_geometry
-    from clp_jax.drafting.heads import Heads, HeadsConfig
-    from clp_jax.model.qwen2 import abstract_model
-    from clp_jax.train.step import TrainConfig, make_optimizer
-
-    model_cfg = cfg.get("model", {})
-    dtype = model_cfg.get("dtype", "float32")
-    mcfg = known_geometry(model_cfg["name"], dtype=dtype, param_dtype=dtype)
-    rc = {**train_loop.RUN_DEFAULTS, **cfg.get("run", {})}
-    mesh = sharding.MeshConfig(**{k: v for k, v in cfg.get("mesh", {}).items() if k != "distributed"}).make(devices)
+    dtype = cfg.model.dtype
+    mcfg = known_geometry(cfg.model.name, dtype=dtype, param_dtype=dtype)
+    rc = cfg.run
+    mesh = (cfg.mesh or TrainMeshConfig()).make(devices)
 
     backbone = nnx.state(abstract_model(mcfg), nnx.Param)
-    hc = HeadsConfig(hidden_size=mcfg.hidden_size, vocab_size=mcfg.vocab_size, **cfg.get("heads", {}))
+    hc = cfg.heads_config(mcfg.hidden_size, mcfg.vocab_size)
     heads = nnx.state(nnx.eval_shape(lambda: Heads(hc, rngs=nnx.Rngs(0))), nnx.Param)
     sharding.check_divisible(backbone, mesh)
     sharding.check_divisible(heads, mesh)
-    train_loop.check_batch_sizes(rc, mesh)
+    check_batch_sizes(rc, mesh)
     heads_sh = sharding.state_shardings(heads, mesh)
-    opt = jax.eval_shape(make_optimizer(TrainConfig(**cfg.get("train", {}))).init, heads)
+    opt = jax.eval_shape(make_optimizer(cfg.train).init, heads)
     opt_sh = sharding.like_params(opt, heads, heads_sh)  # as the Trainer places Adam's moments
 
     scored = hc.k * (2 if hc.gate else 1)  # MTP heads (+ gate heads), one [B, P, V] logits each
-    positions = rc["positions_per_row"] or cfg.get("data", {}).get("seq_len", 512)
-    vocab = mcfg.vocab_size if rc["vocab"] == "full" else rc["vocab_size"]
+    positions = rc.positions_per_row or cfg.data.seq_len
+    vocab = mcfg.vocab_size if rc.vocab == "full" else rc.vocab_size
     vocab_local = vocab // mesh.shape["model"] if sharding.RULES["vocab"] == "model" else vocab
-    logits = (rc["batch_size"] // mesh.shape["data"]) * positions * vocab_local * 4 * scored * 2  # fwd + bwd
+    logits = (rc.batch_size // mesh.shape["data"]) * positions * vocab_local * 4 * scored * 2  # fwd + bwd
     out = {"mesh": dict(mesh.shape), "backbone": _bytes_per_device(backbone, sharding.state_shardings(backbone, mesh)),
            "heads": _bytes_per_device(heads, heads_sh), "optimizer": _bytes_per_device(opt, opt_sh),
            "logits_estimate": logits}
@@ -79,12 +76,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={args.devices}")
-    import jax
-
-    from clp_jax.train import loop as train_loop
-
+    # XLA_FLAGS is read when JAX first initialises its backend (the jax.devices() below), not on import
     try:
-        result = plan(train_loop.load_config(args.config, args.set), jax.devices()[:args.devices])
+        result = plan(load_config(args.config, args.set), jax.devices()[:args.devices])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,17 +113,17 @@ def once(name: str, build: Callable[[], T], shared: bool) -> T:
 
 
 def cached_hidden_fn(model, source, path: str, shared: bool, progress: bool = True):
-    """loop.cached_hidden_fn over the whole source; on several processes sharing `path`'s directory
+    """features.cached_hidden_fn over the whole source; on several processes sharing `path`'s directory
     each computes 1/P of the rows and process 0 joins them into the same `path` (see the module doc)."""
     from clp_jax.train import data as data_lib
-    from clp_jax.train import loop
+    from clp_jax.train import features
 
     n, count, me = len(source), jax.process_count(), jax.process_index()
     if count == 1 or not shared or os.path.exists(path):  # shared: every process sees the same answer
-        return loop.cached_hidden_fn(model, source, progress=progress, path=path)
+        return features.cached_hidden_fn(model, source, progress=progress, path=path)
     bounds = [n * p // count for p in range(count + 1)]
     parts = [f"{path}.part{p}of{count}.npy" for p in range(count)]
-    loop.cached_hidden_fn(model, data_lib.Subset(source, bounds[me], bounds[me + 1]), progress=progress,
+    features.cached_hidden_fn(model, data_lib.Subset(source, bounds[me], bounds[me + 1]), progress=progress,
                           path=parts[me])
     barrier(f"clp_jax hidden parts {path}")
     if is_writer():
@@ -139,4 +139,4 @@ def cached_hidden_fn(model, source, path: str, shared: bool, progress: bool = Tr
             os.remove(p)
         print(f"hidden states of {n} records computed by {count} processes: {path}", file=sys.stderr)
     barrier(f"clp_jax hidden joined {path}")
-    return loop.cached_hidden_fn(None, source, progress=False, path=path)
+    return features.cached_hidden_fn(None, source, progress=False, path=path)

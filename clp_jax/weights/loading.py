@@ -11,19 +11,32 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
+import struct
 import tempfile
 import time
 
-from clp_jax.weights import assets
+import gguf
+from flax import nnx
+from safetensors.flax import load_file, save_file
+
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.qwen2 import Qwen2
+from clp_jax.model.qwen2 import Qwen2, abstract_model
+from clp_jax.weights import assets, convert
+from clp_jax.weights.convert import flat_params, model_from_flat
 from clp_jax.weights.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+log = logging.getLogger(__name__)
 
 DEMO = "demo"
 _CACHE_FORMAT = 1
+_GGUF_MAGIC = b"GGUF"
+
+
+class ModelFileError(ValueError):
+    """A --model file or directory is missing, truncated, corrupt or of another kind."""
 
 
 @dataclasses.dataclass
@@ -40,26 +53,79 @@ class Backbone:
 
 
 def resolve_source(name: str, progress: bool = True) -> tuple[str, str]:
-    """Maps a --model value to (kind, path) with kind in {'gguf', 'hf'}."""
+    """Maps a --model value to (kind, path) with kind in {'gguf', 'hf'}, after `check_source`."""
     if name == DEMO:
         return "gguf", assets.demo_gguf_path(progress=progress)
-    expanded = os.path.expanduser(name)
-    if expanded.endswith(".gguf"):
-        if not os.path.isfile(expanded):
-            raise FileNotFoundError(f"GGUF file {expanded!r} does not exist.")
-        return "gguf", os.path.abspath(expanded)
+    kind, path = check_source(name)
+    if kind == "hub":
+        return "hf", _download_from_hub(name)
+    return kind, path
+
+
+def check_source(name: str, flag: str = "--model") -> tuple[str, str]:
+    """Cheap checks of a --model value, reading headers only: (kind, path), kind in {'demo', 'gguf', 'hf',
+    'hub'}. A missing, truncated, corrupt or foreign file raises ModelFileError naming it (and `flag`)."""
+    if not name or not name.strip():
+        raise ModelFileError(f"{flag} is empty: give 'demo', a .gguf file, a Hugging Face directory or hub id.")
+    if name == DEMO:
+        return "demo", name
+    expanded = os.path.abspath(os.path.expanduser(name))
     if os.path.isdir(expanded):
-        return "hf", os.path.abspath(expanded)
-    if os.path.exists(expanded) or expanded.startswith((".", "/", "~")) or expanded.count("/") != 1:
-        raise FileNotFoundError(
-            f"--model {name!r} is neither 'demo', an existing .gguf file, a Hugging Face model "
-            "directory (with config.json and *.safetensors) nor a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'.")
-    return "hf", _download_from_hub(name)
+        _check_hf_dir(expanded)
+        return "hf", expanded
+    if os.path.isfile(expanded):
+        with open(expanded, "rb") as f:
+            magic = f.read(4)
+        if magic == _GGUF_MAGIC:
+            return "gguf", expanded
+        if expanded.endswith(".gguf"):
+            raise ModelFileError(f"{expanded} is not a GGUF file (it does not start with b'GGUF'; "
+                                 f"it starts with {magic!r}).")
+        raise ModelFileError(f"{expanded} is a file but not a GGUF file: give a .gguf file, or the Hugging "
+                             "Face directory that holds config.json and *.safetensors.")
+    if expanded.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelFileError(f"{flag} {name!r}: file or directory {expanded} does not exist (nor is it "
+                             "'demo' or a hub id like 'Qwen/Qwen2.5-0.5B-Instruct').")
+    return "hub", name
+
+
+def _check_hf_dir(path: str) -> None:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ModelFileError(f"{path} has no config.json: is it a Hugging Face model directory?")
+    try:
+        with open(config) as f:
+            ModelConfig.from_hf_config(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{config} is not valid JSON ({e}).") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{config} is not a Qwen2 config ({type(e).__name__}: {e}).") from e
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelFileError(f"{path} holds no *.safetensors weights.")
+    for f in files:
+        _check_safetensors(f)
+
+
+def _check_safetensors(path: str) -> None:
+    """The header of a safetensors file parses and its tensors end within the file."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({e}).") from e
+    if 8 + n + end > size:
+        raise ModelFileError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}.")
 
 
 def _download_from_hub(repo_id: str) -> str:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for hub ids
 
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
@@ -99,22 +165,21 @@ def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
 
 def _convert(kind: str, path: str, dtypes: dict, progress: bool):
     """(model, tokenizer) of a source; a GGUF file is opened once for both."""
-    from clp_jax.weights import convert
-
-    if kind == "gguf":
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        return (convert.convert_gguf(path, progress=progress, reader=reader, **dtypes),
-                tokenizer_from_gguf(path, reader=reader))
-    return convert.convert_hf_dir(path, **dtypes), load_tokenizer(kind, path)
+    try:
+        if kind == "gguf":
+            reader = gguf.GGUFReader(path)
+            return (convert.convert_gguf(path, progress=progress, reader=reader, **dtypes),
+                    tokenizer_from_gguf(path, reader=reader))
+        return convert.convert_hf_dir(path, **dtypes), load_tokenizer(kind, path)
+    except ModelFileError:
+        raise
+    except Exception as e:  # a truncated or corrupt file: one line naming it, never a traceback
+        what = "GGUF file" if kind == "gguf" else "Hugging Face model directory"
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ModelFileError(f"Could not read the {what} {path}: it may be truncated or corrupt ({detail}).") from e
 
 
 def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> None:
-    from safetensors.flax import save_file
-
-    from clp_jax.weights.convert import flat_params
-
     parent = os.path.dirname(entry)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
     try:
@@ -131,12 +196,7 @@ def _save_cache(entry: str, model: Qwen2, tokenizer, eos_ids, source: str) -> No
 
 
 def _load_cache(entry: str, dtype: str):
-    from safetensors.flax import load_file
-    from transformers import AutoTokenizer
-
-    from clp_jax.weights.convert import model_from_flat
-    from clp_jax.model.qwen2 import abstract_model
-    from flax import nnx
+    from transformers import AutoTokenizer  # heavy (~2 s): only when a cache entry is read
 
     with open(os.path.join(entry, "meta.json")) as f:
         meta = json.load(f)
@@ -167,8 +227,7 @@ def load_backbone(name: str = DEMO, *, dtype: str = "float32", param_dtype: str 
             return Backbone(model.cfg, model, tokenizer, path, eos_ids,
                             time.perf_counter() - t0, from_cache=True)
         except Exception as e:  # a damaged cache is rebuilt, never trusted
-            print(f"Converted-weights cache {entry} is unreadable ({e}); converting again.",
-                  file=sys.stderr)
+            log.warning("Converted-weights cache %s is unreadable (%s); converting again.", entry, e)
             shutil.rmtree(entry, ignore_errors=True)
     model, tokenizer = _convert(kind, path, dict(dtype=dtype, param_dtype=param_dtype), progress)
     eos_ids = eos_token_ids(tokenizer, path if kind == "hf" else None)

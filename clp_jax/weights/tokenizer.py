@@ -7,6 +7,8 @@ torch-free) assembles the same fast tokenizer, with the file's chat template.
 
 from __future__ import annotations
 
+import gguf
+
 # GGUF key (after 'tokenizer.') -> the field name transformers' GGUF tokenizer builder expects
 _TOKENIZER_KEYS = {
     "ggml.model": "tokenizer_type", "ggml.pre": "pre_tokenizer_type", "ggml.tokens": "tokens",
@@ -20,8 +22,6 @@ _SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token
 
 
 def _field_value(field):
-    import gguf
-
     if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
         return list(field.contents())
     return field.contents()
@@ -29,7 +29,7 @@ def _field_value(field):
 
 def tokenizer_from_gguf(path: str, reader=None):
     """A `PreTrainedTokenizerFast` equivalent to transformers' GGUF tokenizer, built without torch."""
-    import gguf
+    # transformers is heavy (~2 s to import): only when a tokenizer is built
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 

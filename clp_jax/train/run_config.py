@@ -1,0 +1,208 @@
+"""The whole training configuration, typed: TOML loading, `--set` overrides and validation in one place.
+
+A run config is a TOML file with the tables [model], [heads], [data], [train], [mesh] and [run]. Each
+table maps onto a frozen dataclass; every key is checked for its name, its type and its range when the
+file is loaded, so a wrong value fails in a second with one line naming it, never after the backbone
+loaded or the dataset was built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+
+import jax
+
+from clp_jax.drafting.heads import HeadsConfig
+from clp_jax.model.config import parse_dtype
+from clp_jax.model.sharding import MeshConfig
+from clp_jax.train.data import DataConfig
+from clp_jax.train.step import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A run config value has the wrong name, type or range."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """[model]: which backbone (a --model value of decode.py) and its compute dtype."""
+
+    name: str = "demo"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("model.name is empty: give 'demo', a .gguf file, a Hugging Face directory or hub id.")
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as e:
+            raise ConfigError(f"model.dtype: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainMeshConfig(MeshConfig):
+    """[mesh]: the device mesh, and whether this is one process of a multi-host pod."""
+
+    distributed: bool = False  # call jax.distributed.initialize() before anything else
+
+    def __post_init__(self):
+        for name in ("data", "model"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mesh.{name} must be >= 1, got {getattr(self, name)}.")
+
+    def mesh_config(self) -> MeshConfig:
+        return MeshConfig(data=self.data, model=self.model)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """[run]: what the end-to-end run does around the training step."""
+
+    out_dir: str = "runs/demo"
+    steps: int = 200  # phase 1 (heads, CLP and gate jointly)
+    batch_size: int = 8  # global, over all processes
+    positions_per_row: int = 16  # scored positions per row (0: all)
+    vocab: str = "corpus"  # "corpus": score a sub-vocabulary in training; "full": all ids
+    vocab_size: int = 16384
+    seed: int = 0
+    save_every: int = 50
+    keep: int = 3
+    gen_batch_size: int = 8
+    eval_batch_size: int = 8
+    clp_fraction: float = 0.25  # records kept apart for phase 2
+    clp_steps: int = 0  # phase 2 (the CLP and gate MLP alone); 0: no phase 2
+    clp_positions_per_row: int = 4
+    clp_learning_rate: float = 3e-3
+    checkpoint_dir: str = ""  # Orbax training checkpoints, e.g. gs://bucket/run (default: out_dir)
+
+    def __post_init__(self):
+        at_least = dict(steps=1, batch_size=1, positions_per_row=0, vocab_size=1, seed=0, save_every=1, keep=1,
+                        gen_batch_size=1, eval_batch_size=1, clp_steps=0, clp_positions_per_row=0)
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"run.{name} must be >= {low}, got {getattr(self, name)}.")
+        if not self.out_dir:
+            raise ConfigError("run.out_dir is empty: name a directory for the run's outputs.")
+        if self.vocab not in ("corpus", "full"):
+            raise ConfigError(f"run.vocab must be 'corpus' or 'full', got {self.vocab!r}.")
+        if not 0.0 <= self.clp_fraction < 1.0:
+            raise ConfigError(f"run.clp_fraction must be in [0, 1), got {self.clp_fraction}.")
+        if not self.clp_learning_rate > 0:
+            raise ConfigError(f"run.clp_learning_rate must be > 0, got {self.clp_learning_rate}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run. `heads` holds HeadsConfig fields except the backbone's sizes (known once it loads)."""
+
+    model: ModelSource = ModelSource()
+    heads: dict = dataclasses.field(default_factory=dict)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: TrainMeshConfig | None = None  # None: no mesh (one device)
+    run: RunConfig = RunConfig()
+
+    def heads_config(self, hidden_size: int, vocab_size: int) -> HeadsConfig:
+        return HeadsConfig(hidden_size=hidden_size, vocab_size=vocab_size, **self.heads)
+
+
+_HEADS_FROM_BACKBONE = ("hidden_size", "vocab_size")
+SECTIONS: dict[str, type] = {"model": ModelSource, "heads": HeadsConfig, "data": DataConfig,
+                             "train": TrainConfig, "mesh": TrainMeshConfig, "run": RunConfig}
+
+
+def _expected(typ) -> str:
+    if typing.get_origin(typ) is tuple:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+def _coerce(section: str, key: str, value, typ):
+    """value as `typ`, or a ConfigError naming the key, the value and what was expected."""
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}
+    if typing.get_origin(typ) is tuple:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif ok[typ](value):
+        return float(value) if typ is float else value
+    raise ConfigError(f"{section}.{key} = {value!r}: expected {_expected(typ)}. Fix it in the config file "
+                      f"or override it with --set {section}.{key}=VALUE.")
+
+
+def _section(name: str, table) -> dict:
+    """The checked keyword arguments of one table."""
+    cls = SECTIONS[name]
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table of key = value pairs, got {table!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if not (name == "heads" and f.name in _HEADS_FROM_BACKBONE)]
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in [{name}]; expected some of: {', '.join(fields)}.")
+    return {key: _coerce(name, key, value, hints[key]) for key, value in table.items()}
+
+
+def build(tables: dict) -> Config:
+    """A Config from parsed TOML tables; raises ConfigError on any unknown, mistyped or out-of-range value."""
+    unknown = sorted(set(tables) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"Unknown config section(s) {unknown}; expected some of: {', '.join(SECTIONS)}.")
+    kw = {name: _section(name, table) for name, table in tables.items()}
+    try:
+        heads = kw.get("heads", {})
+        try:
+            HeadsConfig(hidden_size=1, vocab_size=1, **heads)  # range checks of the heads' own fields
+        except ValueError as e:
+            raise ConfigError(str(e).replace("HeadsConfig.", "heads.")) from e
+        return Config(model=ModelSource(**kw.get("model", {})), heads=heads, data=DataConfig(**kw.get("data", {})),
+                      train=TrainConfig(**kw.get("train", {})),
+                      mesh=TrainMeshConfig(**kw["mesh"]) if "mesh" in kw else None,
+                      run=RunConfig(**kw.get("run", {})))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def parse_override(item: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, value); the value is read as TOML, else kept as a string."""
+    key, eq, value = item.partition("=")
+    section, _, name = key.strip().partition(".")
+    if not eq or not name or section not in SECTIONS:
+        raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE with SECTION one of "
+                          f"{', '.join(SECTIONS)}, e.g. --set train.learning_rate=3e-4.")
+    try:
+        return section, name.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return section, name.strip(), value
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """A TOML run config plus `section.key=value` overrides, fully validated."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config {path!r} does not exist.")
+    try:
+        with open(path, "rb") as f:
+            tables = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Config {path!r} is not valid TOML ({e}).") from e
+    for item in overrides:
+        section, name, value = parse_override(item)
+        tables.setdefault(section, {})[name] = value
+    return build(tables)
+
+
+def check_batch_sizes(rc: RunConfig, mesh) -> None:
+    """Global batch sizes must divide the mesh's data axis and the processes, before anything is built."""
+    for key in ("batch_size", "eval_batch_size"):
+        value = getattr(rc, key)
+        if mesh is not None and value % mesh.shape["data"]:
+            raise ConfigError(f"run.{key}={value} does not divide the mesh's data axis ({mesh.shape['data']}).")
+        if value % jax.process_count():
+            raise ConfigError(f"run.{key}={value} does not divide the {jax.process_count()} processes.")
