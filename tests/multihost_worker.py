@@ -10,7 +10,7 @@ import sys
 
 kill_at = int(os.environ.get("CLP_TEST_KILL_AFTER_SAVE", "0"))
 if kill_at:
-    from clp_jax.drafting.checkpoint import TrainCheckpoints
+    from clp_jax.train.checkpoints import TrainCheckpoints
 
     _save = TrainCheckpoints.save
 

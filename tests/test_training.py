@@ -102,7 +102,8 @@ def test_heads_learn_a_repetitive_corpus(model):
     assert after["head1_loss"] < before["head1_loss"] / 10
     h = held_out["hidden"]
     B, T, D = h.shape
-    drafts = jnp.argmax(trainer.heads().propose(model, h.reshape(B * T, D), 2).draft_logits, -1).reshape(B, T, 2)
+    heads = trainer.heads()
+    drafts = jnp.argmax(heads.draft_logits(model, heads.mtp(h.reshape(B * T, D), None, 2)), -1).reshape(B, T, 2)
     tokens, mask = np.asarray(held_out["tokens"]), np.asarray(held_out["mask"])
     assert _agreement(np.asarray(drafts), tokens, mask, shift=1) > 0.9  # MTP head j: position t+1+j
     for wrong in (0, 2):

@@ -148,7 +148,9 @@ def run(args) -> None:
     corpus = np.minimum(d["corpus"][:args.records], V - 1)
     offs = d["prompt_offsets"]
     prompts = [np.minimum(d["prompt_tokens"][offs[i]:offs[i + 1]], V - 1).tolist() for i in range(len(offs) - 1)]
-    prompts = prompts[:args.prompts]
+    keep = np.sort(np.random.RandomState(2).permutation(len(prompts))[:args.prompts])  # code and chat mixed
+    prompts = [prompts[i] for i in keep]
+    prompt_kinds = d["prompt_kinds"][keep]
     report["timings"]["load"] = time.time() - t_start
 
     # 1. self-distilled continuations (the decode distribution itself); batches in a seeded random
@@ -194,7 +196,7 @@ def run(args) -> None:
     c_perm, s_perm = rng.permutation(n_c), rng.permutation(n_s)
     c_held, c_train = c_perm[:args.heldout], c_perm[args.heldout:]
     s_clp, s_train = s_perm[: int(n_s * 0.3)], s_perm[int(n_s * 0.3):]
-    kinds = d["prompt_kinds"][:len(prompts)]
+    kinds = prompt_kinds
     vocab = teacher_forced.label_vocabulary(np.concatenate([np.asarray(corpus_c["labels"]).ravel(),
                                                             np.asarray(sd_c["labels"]).ravel()]), args.vocab_size,
                                             always=[int(e) for e in d["eos"] if e < V])

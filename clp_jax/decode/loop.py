@@ -32,7 +32,7 @@ from flax import nnx
 
 from clp_jax.decode import sampling
 from clp_jax.model.kv_cache import LayerCache, init_cache
-from clp_jax.model.numerics import prefix_len
+from clp_jax.model.numerics import acceptance_ratio, prefix_len
 from clp_jax.model.qwen2 import Qwen2
 
 MODES = ("ar", "clp", "verify", "confadapt", "gate")
@@ -321,8 +321,7 @@ class DecodeResult:
     @property
     def head_acceptance(self) -> np.ndarray:
         """Per head position: committed drafts / offered drafts."""
-        offered = self.offered.sum(0)
-        return np.where(offered > 0, self.accepted.sum(0) / np.maximum(offered, 1), 0.0)
+        return acceptance_ratio(self.accepted.sum(0), self.offered.sum(0))
 
 
 def _bucket(n: int, minimum: int) -> int:

@@ -8,9 +8,9 @@ from flax import nnx
 
 from clp_jax.model.config import ModelConfig
 from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.numerics import NEG_LOGIT as NEG_INF  # finite: fully masked rows stay NaN-free
 from clp_jax.model.layers import apply_rope, logical, rope_angles
 
-NEG_INF = -1e30  # finite, so fully masked rows cannot produce NaN
 
 
 class Attention(nnx.Module):
