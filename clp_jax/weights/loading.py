@@ -23,7 +23,7 @@ from clp_jax.model.qwen2 import Qwen2
 from clp_jax.weights.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 DEMO = "demo"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: kernels stored [out, in] (model/layers.Proj)
 
 
 @dataclasses.dataclass
