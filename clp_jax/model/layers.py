@@ -62,24 +62,31 @@ class Proj(nnx.Module):
                      if use_bias else None)
         self.n_in, self.n_out, self.dtype = len(in_shape), len(out_shape), dtype
 
+    def _kernel_2d(self) -> jax.Array:
+        """The kernel as [O, I] (a free reshape): one 2-D dot per call, so XLA:CPU never copies a
+        multi-dimensional kernel into another layout before the dot."""
+        w = self.kernel[...]
+        return w.reshape(math.prod(w.shape[:self.n_out]), -1).astype(self.dtype)
+
     def rows(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        k_in = tuple(range(self.n_out, w.ndim))
-        x_in = tuple(range(x.ndim - self.n_in, x.ndim))
-        y = jax.lax.dot_general(x, w, ((x_in, k_in), ((), ())))  # [..., *out]
+        w = self._kernel_2d()  # [O, I]
+        out_shape = self.kernel.shape[:self.n_out]
+        lead = x.shape[:x.ndim - self.n_in]
+        x2 = x.astype(self.dtype).reshape(math.prod(lead), w.shape[1])  # [M, I]
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ()))).reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
 
     def cols(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        k_in = tuple(range(self.n_out, w.ndim))
-        y = jax.lax.dot_general(w, x, ((k_in, tuple(range(self.n_in))), ((), ())))  # [*out, ...]
+        w = self._kernel_2d()  # [O, I]
+        out_shape = self.kernel.shape[:self.n_out]
+        trail = x.shape[self.n_in:]
+        x2 = x.astype(self.dtype).reshape(w.shape[1], math.prod(trail))  # [I, M]
+        y = jax.lax.dot_general(w, x2, (((1,), (0,)), ((), ()))).reshape(*out_shape, *trail)
         if self.bias is not None:
             b = self.bias[...].astype(self.dtype)
-            y = y + b.reshape(b.shape + (1,) * (y.ndim - b.ndim))
+            y = y + b.reshape(b.shape + (1,) * len(trail))
         return y
 
 

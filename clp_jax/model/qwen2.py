@@ -152,6 +152,9 @@ class Qwen2(nnx.Module):
         if width != M:
             h2 = jnp.pad(h2, ((0, width - M), (0, 0)))
         out = jax.lax.dot_general(kernel, h2, (((1,), (1,)), ((), ())))  # [V, M]
+        # The barrier keeps XLA from folding the transpose below into the dot (which would turn it
+        # back into the slow [M, D] @ [D, V] form on CPU).
+        out = jax.lax.optimization_barrier(out)
         return out[:, :M].T.reshape(*lead, kernel.shape[0]).astype(jnp.float32)
 
     def logits_cols(self, hidden_cols: jax.Array, vocab: jax.Array | None = None) -> jax.Array:
