@@ -36,7 +36,9 @@ def test_rows_and_cols_agree_with_a_cache(tied, batch, width):
         h, cache = m(tokens[:, 6:], positions[:, 6:], cache)  # a pass of `width` (padded under cols)
         assert h.shape == (batch, width, cfg.hidden_size)
         vocab = jnp.arange(3, 40, 2)
-        outs.append((h, m.logits(h), m.logits(h, vocab), cache[0].k))
+        sub = m.logits(h, vocab)
+        np.testing.assert_array_equal(np.asarray(sub), np.asarray(m.logits(h, kernel=m.output_kernel(vocab))))
+        outs.append((h, m.logits(h), sub, cache[0].k))
     for a, b in zip(*outs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
 

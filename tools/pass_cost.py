@@ -82,8 +82,9 @@ def mode_table(models: dict, heads, k: int, new: int, batch: int, repeats: int, 
     compile_s = {}
     for layout, m in models.items():
         for mode in modes:
-            dec = Decoder(m, None if mode == "ar" else heads,
-                          DecodeConfig(mode=mode, k=k, max_new_tokens=new, tau=1.0))
+            name, _, kk = mode.partition("@")  # "verify@3": that mode at another k
+            dec = Decoder(m, None if name == "ar" else heads,
+                          DecodeConfig(mode=name, k=int(kk or k), max_new_tokens=new, tau=1.0))
             dec.generate(prompts)  # compile and warm up
             decs[layout, mode] = dec
             compile_s[layout, mode] = dec.compile_seconds
@@ -104,7 +105,8 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds of the fed-width table")
     p.add_argument("--mode-repeats", type=int, default=3, help="interleaved generate() rounds per mode")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated; empty: skip the mode table")
+    p.add_argument("--modes", default=",".join(MODES) + ",verify@3",
+                   help="comma-separated, mode@k for another k; empty: skip the mode table")
     p.add_argument("--extra-widths", default="8", help="fed widths beyond k+1 to time, comma-separated")
     p.add_argument("--draft-vocab", type=int, default=0, help="heads draft from this many ids (0: all)")
     p.add_argument("--no-roofline", action="store_true")
@@ -112,7 +114,8 @@ def main():
     cfg = known_geometry(GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
     base = Qwen2(cfg, rngs=nnx.Rngs(0))
     models = {layout: with_layout(base, layout) for layout in LAYOUTS}
-    heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=args.k,
+    max_k = max([args.k] + [int(m.partition("@")[2]) for m in args.modes.split(",") if "@" in m])
+    heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=max_k,
                               param_dtype=args.dtype), rngs=nnx.Rngs(0),
                   draft_vocab=range(args.draft_vocab) if args.draft_vocab else None)
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.geometry}, {args.dtype}, "

@@ -12,6 +12,7 @@ through the whole stack ("cols", the XLA:CPU default, where a 2-8 row pass then 
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -27,6 +28,7 @@ LAYOUT_ENV = "CLP_MATMUL_LAYOUT"
 # Under the cols layout on XLA:CPU, dots over these many activation columns (B*T) cost about what one
 # column costs; 5-7 columns cost more than 8, so a pass of 5-7 is padded up to 8 (`padded_width`).
 CPU_CHEAP_COLUMNS = (1, 2, 3, 4, 8)
+COLS_LOGITS_MAX = 64  # more rows than this (training, prefill): logits in the rows form, no [V, M] transpose
 PAD_SENTINEL = 1 << 30  # position of padding slots: beyond any cache, so their KV writes are dropped
 
 
@@ -128,26 +130,30 @@ class Qwen2(nnx.Module):
             hidden = hidden.transpose(1, 2, 0)  # [B, T, D]
         return hidden[:, :T], (None if cache is None else tuple(new_cache))
 
-    def output_kernel(self) -> jax.Array:
-        """The output projection [V, D] (the embedding table when tied)."""
-        return (self.embed.embedding if self.cfg.tie_word_embeddings else self.lm_head.kernel)[...]
+    def output_kernel(self, vocab: jax.Array | None = None) -> jax.Array:
+        """The output projection [V, D] (the embedding table when tied); with `vocab` [U] its rows
+        [U, D] (a gather: U*D values copied, so hoist it out of a decoding loop and pass it back
+        to `logits` as `kernel`)."""
+        kernel = (self.embed.embedding if self.cfg.tie_word_embeddings else self.lm_head.kernel)[...]
+        return kernel if vocab is None else kernel[vocab]
 
-    def logits(self, hidden: jax.Array, vocab: jax.Array | None = None) -> jax.Array:
-        """Output projection [..., D] -> [..., V] in fp32; with `vocab` [U] only those rows [..., U].
+    def logits(self, hidden: jax.Array, vocab: jax.Array | None = None, *,
+               kernel: jax.Array | None = None) -> jax.Array:
+        """Output projection [..., D] -> [..., V] in fp32; with `vocab` [U] only those rows [..., U];
+        with `kernel` [U, D] (from `output_kernel(vocab)`) those precomputed rows instead.
 
-        Under the cols layout the dot runs as W [V, D] @ hidden^T [D, M] (M = rows of `hidden`, padded
-        to a cheap count on CPU) and the small [V, M] result is transposed back.
+        Under the cols layout (and at most COLS_LOGITS_MAX rows) the dot runs as W [V, D] @ hidden^T
+        (rows padded to a cheap count on CPU) and the small [V, M] result is transposed back.
         """
-        kernel = self.output_kernel()  # [V, D]
-        if vocab is not None:
-            kernel = kernel[vocab]  # [U, D] (a gather: U*D values are copied)
+        if kernel is None:
+            kernel = self.output_kernel(vocab)  # [V or U, D]
         dtype = self.cfg.jnp_dtype
         kernel, h = kernel.astype(dtype), hidden.astype(dtype)
         lead = h.shape[:-1]
-        if not use_cols(self.cfg):
+        M = math.prod(lead)
+        if not use_cols(self.cfg) or M > COLS_LOGITS_MAX:
             return jnp.einsum("...D,VD->...V", h, kernel).astype(jnp.float32)
-        h2 = h.reshape(-1, h.shape[-1])  # [M, D]
-        M = h2.shape[0]
+        h2 = h.reshape(M, h.shape[-1])  # [M, D]
         width = padded_width(self.cfg, 1, M)
         if width != M:
             h2 = jnp.pad(h2, ((0, width - M), (0, 0)))
@@ -156,16 +162,6 @@ class Qwen2(nnx.Module):
         # back into the slow [M, D] @ [D, V] form on CPU).
         out = jax.lax.optimization_barrier(out)
         return out[:, :M].T.reshape(*lead, kernel.shape[0]).astype(jnp.float32)
-
-    def logits_cols(self, hidden_cols: jax.Array, vocab: jax.Array | None = None) -> jax.Array:
-        """Output projection of hidden states given transposed, [D, M] -> logits [V, M] (fp32), with
-        no transpose of the logits: for callers that reduce over the vocabulary (argmax) themselves."""
-        kernel = self.output_kernel()
-        if vocab is not None:
-            kernel = kernel[vocab]
-        dtype = self.cfg.jnp_dtype
-        return jax.lax.dot_general(kernel.astype(dtype), hidden_cols.astype(dtype),
-                                   (((1,), (0,)), ((), ()))).astype(jnp.float32)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2:
