@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-import jax
 
 from clp_jax.decode import options
 from clp_jax.train import multihost, pipeline

@@ -135,21 +135,7 @@ def test_tied_checkpoint_with_stored_lm_head():
 
     ref = init_model(cfg)
     flat = convert.flat_params(ref)
-    inverse = {v: k for k, v in {
-        "model.embed_tokens.weight": "embed.embedding", "model.norm.weight": "final_norm.scale"}.items()}
-    tensors = [(k, np.asarray(flat[v])) for v, k in inverse.items()]
-    layer = "model.layers.0."
-    tensors += [
-        (layer + "input_layernorm.weight", np.asarray(flat["layers.0.attn_norm.scale"])),
-        (layer + "post_attention_layernorm.weight", np.asarray(flat["layers.0.mlp_norm.scale"])),
-        (layer + "self_attn.o_proj.weight", np.asarray(flat["layers.0.attn.o.kernel"]).reshape(16, 16).T),
-    ]
-    for p in "qkv":
-        k = np.asarray(flat[f"layers.0.attn.{p}.kernel"])
-        tensors.append((layer + f"self_attn.{p}_proj.weight", k.reshape(16, -1).T))
-        tensors.append((layer + f"self_attn.{p}_proj.bias", np.asarray(flat[f"layers.0.attn.{p}.bias"]).reshape(-1)))
-    for p in ("gate", "up", "down"):
-        tensors.append((layer + f"mlp.{p}_proj.weight", np.asarray(flat[f"layers.0.mlp.{p}.kernel"]).T))
+    tensors = list(convert.hf_tensors(ref).items())
     embed = np.asarray(flat["embed.embedding"])
     model = convert.params_from_tensors(cfg, tensors + [("lm_head.weight", embed)])
     for key, value in convert.flat_params(model).items():

@@ -100,9 +100,9 @@ class DraftLayer(nnx.Module):
         attn = layer.attn
         h_in = layer.attn_norm(x)
         sin, cos = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-        q = apply_rope(attn.q(h_in), sin, cos)  # [B, T, N, H]
-        k_new = apply_rope(attn.k(h_in), sin, cos)  # [B, T, K, H]
-        v_new = attn.v(h_in)
+        q = apply_rope(attn.q.rows(h_in), sin, cos)  # [B, T, N, H]
+        k_new = apply_rope(attn.k.rows(h_in), sin, cos)  # [B, T, K, H]
+        v_new = attn.v.rows(h_in)
         j = len(keys)  # this is step j+1; keys holds steps 1..j
         B, T = x.shape[:2]
         Kh, G, H = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
@@ -128,7 +128,7 @@ class DraftLayer(nnx.Module):
         if diag_v:
             dv = jnp.stack(diag_v, axis=2)  # [B, T, I, K, H]
             out = out + jnp.einsum("BKGTI,BTIKH->BTKGH", probs[..., T:], dv.astype(q.dtype))
-        out = attn.o(out.reshape(B, T, cfg.num_heads, H))
+        out = attn.o.rows(out.reshape(B, T, cfg.num_heads, H))
         x = x + out
         x = x + layer.mlp(layer.mlp_norm(x))
         return x, (k_new, v_new)

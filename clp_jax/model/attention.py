@@ -8,8 +8,8 @@ from flax import nnx
 
 from clp_jax.model.config import ModelConfig
 from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.layers import Proj, apply_rope, rope_angles
 from clp_jax.model.numerics import NEG_LOGIT as NEG_INF  # finite: fully masked rows stay NaN-free
-from clp_jax.model.layers import apply_rope, logical, rope_angles
 
 
 
@@ -18,31 +18,39 @@ class Attention(nnx.Module):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
         self.cfg = cfg
-        self.q = nnx.Einsum("BTD,DNH->BTNH", (D, N, H), (N, H),
-                            kernel_metadata=logical("embed", "q_heads", "head_dim"),
-                            bias_metadata=logical("q_heads", "head_dim"), **kw)
-        self.k = nnx.Einsum("BTD,DKH->BTKH", (D, K, H), (K, H),
-                            kernel_metadata=logical("embed", "kv_heads", "head_dim"),
-                            bias_metadata=logical("kv_heads", "head_dim"), **kw)
-        self.v = nnx.Einsum("BTD,DKH->BTKH", (D, K, H), (K, H),
-                            kernel_metadata=logical("embed", "kv_heads", "head_dim"),
-                            bias_metadata=logical("kv_heads", "head_dim"), **kw)
-        self.o = nnx.Einsum("BTNH,NHD->BTD", (N, H, D), None,
-                            kernel_metadata=logical("q_heads", "head_dim", "embed"), **kw)
+        self.q = Proj((D,), (N, H), use_bias=True, in_axes=("embed",),
+                      out_axes=("q_heads", "head_dim"), **kw)  # [N, H, D]
+        self.k = Proj((D,), (K, H), use_bias=True, in_axes=("embed",),
+                      out_axes=("kv_heads", "head_dim"), **kw)  # [K, H, D]
+        self.v = Proj((D,), (K, H), use_bias=True, in_axes=("embed",),
+                      out_axes=("kv_heads", "head_dim"), **kw)  # [K, H, D]
+        self.o = Proj((N, H), (D,), use_bias=False, in_axes=("q_heads", "head_dim"),
+                      out_axes=("embed",), **kw)  # [D, N, H]
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 kv_valid: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """Attends x [B, T, D] at positions [B, T].
+                 kv_valid: jax.Array | None = None, cols: bool = False
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """Attends x [B, T, D] (or [D, B, T] with `cols`) at positions [B, T]; output in x's layout.
 
         With a cache, the new keys/values are scattered into it first and queries attend over the
         whole cache [B, S] masked by `kv_pos <= q_pos`. Without one, queries attend over the T new
         keys, causally by position, and additionally where `kv_valid [B, T]` (padding mask) is true.
         """
         cfg = self.cfg
-        sin, cos = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-        q = apply_rope(self.q(x), sin, cos)  # [B, T, N, H]
-        k = apply_rope(self.k(x), sin, cos)  # [B, T, K, H]
-        v = self.v(x)  # [B, T, K, H]
+        B, T = positions.shape
+        K, G, H = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+        sin, cos = rope_angles(positions, H, cfg.rope_theta)  # [B, T, H/2]
+        if cols:  # projections [heads, H, B, T]; only these small tensors change layout
+            sin_c, cos_c = sin.transpose(2, 0, 1)[None], cos.transpose(2, 0, 1)[None]  # [1, H/2, B, T]
+            q = _rope_cols(self.q.cols(x), sin_c, cos_c)  # [N, H, B, T]
+            k = _rope_cols(self.k.cols(x), sin_c, cos_c).transpose(2, 3, 0, 1)  # [B, T, K, H]
+            v = self.v.cols(x).transpose(2, 3, 0, 1)  # [B, T, K, H]
+            q = q.reshape(K, G, H, B, T)
+        else:
+            q = apply_rope(self.q.rows(x), sin, cos)  # [B, T, N, H]
+            k = apply_rope(self.k.rows(x), sin, cos)  # [B, T, K, H]
+            v = self.v.rows(x)  # [B, T, K, H]
+            q = q.reshape(B, T, K, G, H)
         if cache is not None:
             cache = cache.write(positions, k, v)
             k, v = cache.k, cache.v  # [B, S, K, H]
@@ -53,12 +61,19 @@ class Attention(nnx.Module):
         if kv_valid is not None:
             mask &= kv_valid[:, None, :]
 
-        B, T = x.shape[:2]
-        q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * (cfg.head_dim ** -0.5)
+        q_spec = "KGHBT" if cols else "BTKGH"
+        scores = jnp.einsum(f"{q_spec},BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * (H ** -0.5)
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))
-        out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
-        return self.o(out), cache
+        out = jnp.einsum(f"BKGTS,BSKH->{q_spec}", probs, v.astype(q.dtype))
+        if cols:
+            return self.o.cols(out.reshape(cfg.num_heads, H, B, T)), cache  # [D, B, T]
+        return self.o.rows(out.reshape(B, T, cfg.num_heads, H)), cache  # [B, T, D]
+
+
+def _rope_cols(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """`apply_rope` for [heads, H, B, T] with sin/cos [1, H/2, B, T]."""
+    sin, cos = sin.astype(x.dtype), cos.astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+MATMUL_LAYOUTS = ("auto", "rows", "cols")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -40,6 +41,10 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations, matmuls and the KV cache
+    # Activation layout of the dots (weights are stored [out, in] either way; see layers.Proj):
+    # "rows" (x @ W^T), "cols" (W @ x^T kept transposed through the layers), or "auto": the
+    # environment variable CLP_MATMUL_LAYOUT if set, else "cols" on XLA:CPU and "rows" elsewhere.
+    matmul_layout: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -53,6 +58,9 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
         parse_dtype(self.param_dtype)
         parse_dtype(self.dtype)
+        if self.matmul_layout not in MATMUL_LAYOUTS:
+            raise ValueError(f"ModelConfig.matmul_layout must be one of {MATMUL_LAYOUTS}, "
+                             f"got {self.matmul_layout!r}.")
 
     @property
     def jnp_param_dtype(self):

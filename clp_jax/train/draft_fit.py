@@ -77,9 +77,8 @@ def _targets(labels, lengths, k: int, vocab_index):
 
 
 def _logits(backbone, states, vocab):
-    kernel = (backbone.embed.embedding[...][vocab].T if backbone.cfg.tie_word_embeddings
-              else backbone.lm_head.kernel[...][:, vocab])  # [D, U]
-    return jnp.einsum("...D,DU->...U", states.astype(kernel.dtype), kernel).astype(jnp.float32)
+    kernel = backbone.output_kernel(vocab)  # [U, D]
+    return jnp.einsum("...D,UD->...U", states.astype(kernel.dtype), kernel).astype(jnp.float32)
 
 
 def loss_fn(heads: Heads, backbone, batch: dict, vocab, vocab_index, k: int, decay: float):

@@ -1,7 +1,8 @@
 """Hugging Face safetensors and GGUF -> Flax parameters, without torch.
 
 One declarative table maps each Hugging Face tensor name to a parameter path of `Qwen2` and a
-transform per weight kind (HF stores linear weights `[out, in]`). GGUF names are first renamed to
+transform per weight kind. HF stores linear weights `[out, in]` and so does `Qwen2` (one copy serves
+both activation layouts, see model/layers.Proj): the transforms only split head dimensions. GGUF names are first renamed to
 their Hugging Face equivalents, so both sources go through the same table, the same shape asserts
 and the same check that every parameter is set exactly once.
 """
@@ -31,39 +32,35 @@ def _identity(w, cfg):
     return w
 
 
-def _transpose(w, cfg):  # [out, in] -> [in, out]
-    return w.T
-
-
-def _q_kernel(w, cfg):  # [N*H, D] -> [D, N, H]
-    return w.T.reshape(cfg.hidden_size, -1, cfg.head_dim)
+def _heads_out(w, cfg):  # [N*H, D] -> [N, H, D] (q/k/v: Flax keeps HF's [out, in])
+    return w.reshape(-1, cfg.head_dim, w.shape[-1])
 
 
 def _heads_bias(w, cfg):  # [N*H] -> [N, H]
     return w.reshape(-1, cfg.head_dim)
 
 
-def _o_kernel(w, cfg):  # [D, N*H] -> [N, H, D]
-    return w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
+def _heads_in(w, cfg):  # [D, N*H] -> [D, N, H]
+    return w.reshape(w.shape[0], -1, cfg.head_dim)
 
 
 # (Hugging Face name pattern, Flax parameter path template, transform)
 HF_TO_FLAX: tuple[tuple[str, str, Callable], ...] = (
     (r"model\.embed_tokens\.weight", "embed.embedding", _identity),
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{0}.attn_norm.scale", _identity),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "layers.{0}.attn.q.kernel", _q_kernel),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers.{0}.attn.k.kernel", _q_kernel),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers.{0}.attn.v.kernel", _q_kernel),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "layers.{0}.attn.q.kernel", _heads_out),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers.{0}.attn.k.kernel", _heads_out),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers.{0}.attn.v.kernel", _heads_out),
     (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "layers.{0}.attn.q.bias", _heads_bias),
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "layers.{0}.attn.k.bias", _heads_bias),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "layers.{0}.attn.v.bias", _heads_bias),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{0}.attn.o.kernel", _o_kernel),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{0}.attn.o.kernel", _heads_in),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.mlp_norm.scale", _identity),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.{0}.mlp.gate.kernel", _transpose),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.{0}.mlp.up.kernel", _transpose),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{0}.mlp.down.kernel", _transpose),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.{0}.mlp.gate.kernel", _identity),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.{0}.mlp.up.kernel", _identity),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{0}.mlp.down.kernel", _identity),
     (r"model\.norm\.weight", "final_norm.scale", _identity),
-    (r"lm_head\.weight", "lm_head.kernel", _transpose),
+    (r"lm_head\.weight", "lm_head.kernel", _identity),
 )
 
 # GGUF (llama.cpp) tensor name -> Hugging Face name. Qwen2 uses NeoX-style RoPE, so llama.cpp stores
@@ -165,10 +162,9 @@ def flat_params(model: Qwen2) -> dict[str, jnp.ndarray]:
 
 _INVERSE: dict[Callable, Callable] = {
     _identity: lambda w, cfg: w,
-    _transpose: lambda w, cfg: w.T,
-    _q_kernel: lambda w, cfg: w.reshape(w.shape[0], -1).T,  # [D, N, H] -> [N*H, D]
+    _heads_out: lambda w, cfg: w.reshape(-1, w.shape[-1]),  # [N, H, D] -> [N*H, D]
     _heads_bias: lambda w, cfg: w.reshape(-1),  # [N, H] -> [N*H]
-    _o_kernel: lambda w, cfg: w.reshape(-1, w.shape[-1]).T,  # [N, H, D] -> [D, N*H]
+    _heads_in: lambda w, cfg: w.reshape(w.shape[0], -1),  # [D, N, H] -> [D, N*H]
 }
 
 

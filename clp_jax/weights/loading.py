@@ -31,7 +31,7 @@ from clp_jax.weights.tokenizer import load_tokenizer, tokenizer_from_gguf
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: kernels stored [out, in] (model/layers.Proj)
 _GGUF_MAGIC = b"GGUF"
 
 
