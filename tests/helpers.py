@@ -74,7 +74,10 @@ class OracleHeads(nnx.Module):
     def init_cache(self, batch, capacity, dtype=None):
         return ()
 
-    def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick):
+    def draft_kernel(self, backbone):
+        return None
+
+    def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick, kernel=None):
         rows = jnp.arange(hidden.shape[0])
         position = positions[rows, anchor]  # n: drafts are the reference's tokens n+2 .. n+k+1
         ref = self.reference[...]

@@ -96,6 +96,32 @@ def mode_table(models: dict, heads, k: int, new: int, batch: int, repeats: int, 
     return {key: 1e3 * float(np.median(t)) for key, t in times.items()}, compile_s
 
 
+def draft_cost(model: Qwen2, heads, k: int, repeats: int) -> float:
+    """Median ms of one drafting step alone (the heads' `draft` after a pass over k+1 fed slots, B=1):
+    for the draft layer its cached pass over the chunk plus k-1 chained steps and k projections."""
+    W = k + 1
+    kernel = heads.draft_kernel(model)
+    cache = heads.init_cache(1, 256, model.cfg.jnp_dtype)
+    hidden = jax.random.normal(jax.random.key(0), (1, W, model.cfg.hidden_size), model.cfg.jnp_dtype)
+    tokens = jnp.arange(W, dtype=jnp.int32)[None] + 100
+    positions = tokens - 100 + 40
+    anchor = jnp.zeros((1,), jnp.int32)
+
+    @jax.jit
+    def run(hidden, cache):
+        pick = lambda j, logits: jnp.argmax(logits, -1).astype(jnp.int32)  # noqa: E731
+        d = heads.draft(model, hidden, tokens, positions, anchor, k, cache, pick, kernel)
+        return d.tokens, d.cache
+
+    jax.block_until_ready(run(hidden, cache))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(hidden, cache))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--geometry", default="qwen2.5-0.5b", choices=sorted(GEOMETRIES))
@@ -110,14 +136,20 @@ def main():
     p.add_argument("--extra-widths", default="8", help="fed widths beyond k+1 to time, comma-separated")
     p.add_argument("--draft-vocab", type=int, default=0, help="heads draft from this many ids (0: all)")
     p.add_argument("--no-roofline", action="store_true")
+    p.add_argument("--heads-kind", default="medusa", choices=("medusa", "draft_layer"),
+                   help="drafter of the mode table; the drafting cost of both kinds is printed either way")
     args = p.parse_args()
     cfg = known_geometry(GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
     base = Qwen2(cfg, rngs=nnx.Rngs(0))
     models = {layout: with_layout(base, layout) for layout in LAYOUTS}
     max_k = max([args.k] + [int(m.partition("@")[2]) for m in args.modes.split(",") if "@" in m])
-    heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=max_k,
-                              param_dtype=args.dtype), rngs=nnx.Rngs(0),
-                  draft_vocab=range(args.draft_vocab) if args.draft_vocab else None)
+    vocab = range(args.draft_vocab) if args.draft_vocab else None
+
+    def make_heads(kind):
+        return Heads(HeadsConfig.for_backbone(cfg, k=max_k, kind=kind, param_dtype=args.dtype), rngs=nnx.Rngs(0),
+                     draft_vocab=vocab)
+
+    heads = make_heads(args.heads_kind)
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.geometry}, {args.dtype}, "
           f"batch {args.batch}, k {args.k}; medians of interleaved repeats (rows/cols alternate)")
 
@@ -147,6 +179,14 @@ def main():
             cr = f"{c / ar_r:9.2f}" if ar_r else "        -"
             print(f"{mode:>10} | {r:8.1f} {rr} | {c:8.1f} {cc} {cr} | "
                   f"{compile_s['rows', mode]:.0f} / {compile_s['cols', mode]:.0f}")
+
+    print(f"\ndrafting alone, ms per step (B=1, k={args.k}, draft vocabulary {args.draft_vocab or 'full'}; "
+          f"ratio to a width-1 pass of each layout)")
+    for kind in ("medusa", "draft_layer"):
+        h = make_heads(kind)
+        for layout, m in models.items():
+            d_ms = draft_cost(m, h, args.k, args.repeats)
+            print(f"{kind:>12} {layout:>5}: {d_ms:6.1f} ms = {d_ms / ms[layout, 1]:.2f} x a width-1 pass")
 
     if not args.no_roofline:
         bw = read_bandwidth()

@@ -122,7 +122,6 @@ def _save_params(module, path: str) -> None:
 
 def run(args) -> None:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from clp_jax.decode.loop import DecodeConfig, Decoder

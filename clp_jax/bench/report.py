@@ -37,11 +37,13 @@ def markdown(report: dict) -> str:
         f"`{meta['command'] or 'clp_jax.bench.run.measure'}` on {meta['date']}: {mach['device']} ({mach['processor']}, {mach['cpu_count']} "
         f"cores), jax {mach['jax']}; backbone {os.path.basename(str(meta['backbone']))} ({meta['dtype']}), "
         f"k={meta['k']}, {prompts} prompts, {meta['max_new_tokens']} new tokens, batch 1, greedy.",
-        f"Speedup = decode tokens/s over `ar`'s (transformers peers: end to end, marked e2e); exact match = "
-        f"prompts whose tokens equal `ar`'s; memory = XLA's arguments + temporaries of the decoding loop.",
+        "Speedup = decode tokens/s over `ar`'s (transformers peers: end to end, marked e2e); exact match = "
+        "prompts whose tokens equal `ar`'s; memory = XLA's arguments + temporaries of the decoding loop.",
         f"`ar` roofline: {rf['weight_bytes_per_pass'] / 1e9:.2f} GB of weights per pass / "
-        f"{rf['copy_bandwidth_gb_s']:.1f} GB/s measured copy bandwidth = {rf['roofline_ms_per_pass']:.1f} ms; "
-        f"measured {rf['measured_ms_per_pass']:.1f} ms per pass = {100 * rf['fraction_of_roofline']:.0f}% of the roofline.",
+        f"{rf['bandwidth_gb_s']:.1f} GB/s measured read bandwidth (median; p10-p90 "
+        f"{rf['bandwidth_p10_p90_gb_s'][0]:.1f}-{rf['bandwidth_p10_p90_gb_s'][1]:.1f}) = {rf['roofline_ms_per_pass']:.1f} ms; "
+        f"measured {rf['measured_ms_per_pass']:.1f} ms per pass = {100 * rf['fraction_of_roofline']:.0f}% of the roofline "
+        f"({100 * rf['fraction_p10_p90'][0]:.0f}-{100 * rf['fraction_p10_p90'][1]:.0f}% across the bandwidth's spread).",
     ]
     return "\n".join(lines + foot) + "\n"
 

@@ -111,7 +111,6 @@ def roofline(model: Qwen2, seconds_per_pass: float, bandwidth: dict | float | No
             "bandwidth_gb_s": bw["bandwidth"] / 1e9,
             "bandwidth_p10_p90_gb_s": (bw["p10"] / 1e9, bw["p90"] / 1e9),
             "bandwidth_kernel": bw["kernel"],
-            "copy_bandwidth_gb_s": bw["bandwidth"] / 1e9,  # old key (report.py); now the read bandwidth
             "roofline_ms_per_pass": 1e3 * bound, "measured_ms_per_pass": 1e3 * seconds_per_pass,
             "fraction_of_roofline": bound / seconds_per_pass,
             # the fraction at the bandwidth's p90 and p10 (a higher bandwidth gives a lower fraction)

@@ -157,7 +157,9 @@ class Drafter(Protocol):
     def init_cache(self, batch: int, capacity: int) -> tuple: ...
 
     def draft(self, backbone, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
-              anchor: jax.Array, k: int, cache: tuple, pick: Pick) -> Drafts: ...
+              anchor: jax.Array, k: int, cache: tuple, pick: Pick, kernel: jax.Array | None = None) -> Drafts: ...
+
+    def draft_kernel(self, backbone) -> jax.Array | None: ...
 
     def propose_gate(self, backbone, h: jax.Array, k: int) -> Proposal: ...
 
@@ -202,7 +204,7 @@ class Heads(nnx.Module):
         return (LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),)
 
     def draft(self, backbone, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
-              anchor: jax.Array, k: int, cache: tuple, pick: Pick) -> Drafts:
+              anchor: jax.Array, k: int, cache: tuple, pick: Pick, kernel: jax.Array | None = None) -> Drafts:
         """k drafts after the anchor slot of the chunk the backbone just ran.
 
         Args:
@@ -213,13 +215,14 @@ class Heads(nnx.Module):
           anchor: [B] the slot whose hidden state is h_n (the last committed token with a state).
           cache: the drafter's cache (see `init_cache`).
           pick: turns draft j's logits [B, V] into tokens [B] (greedy or sampled).
+          kernel: `draft_kernel(backbone)`, computed once outside the decoding loop (else per call).
         """
         rows = jnp.arange(hidden.shape[0])
         h = hidden[rows, anchor]  # [B, D]
         t1 = next_tokens[rows, anchor]  # [B]
         if self.drafter is None:
             t1_embed = backbone.embed(t1) if self.cfg.conditioned else None
-            logits = self.draft_logits(backbone, self.mtp(h, t1_embed, k))  # [B, k, V]
+            logits = self.draft_logits(backbone, self.mtp(h, t1_embed, k), kernel)  # [B, k, V]
             tokens = jnp.stack([pick(j, logits[:, j]) for j in range(k)], axis=1)
             return Drafts(logits, tokens, self.clp(h), cache)
         # draft layer: one pass over the chunk writes the committed positions' entries and is step 1
@@ -228,7 +231,7 @@ class Heads(nnx.Module):
         pos = positions[rows, anchor][:, None]  # [B, 1]
         all_logits, tokens = [], []
         for j in range(k):
-            logits = self.draft_logits(backbone, f)[:, 0]  # [B, V]
+            logits = self.draft_logits(backbone, f, kernel)[:, 0]  # [B, V]
             token = pick(j, logits)
             all_logits.append(logits)
             tokens.append(token)
@@ -236,12 +239,17 @@ class Heads(nnx.Module):
                 f, layer_cache = self.drafter.step(backbone, f, token[:, None], pos + j + 1, layer_cache)
         return Drafts(jnp.stack(all_logits, 1), jnp.stack(tokens, 1), self.clp(h), (layer_cache,))
 
-    def draft_logits(self, backbone, states: jax.Array) -> jax.Array:
+    def draft_kernel(self, backbone) -> jax.Array | None:
+        """The output projection's rows of `draft_vocab` [U, D] (None without one): a gather of U*D
+        values, so the decoder computes it once per program, outside its loop."""
+        return None if self.draft_vocab is None else backbone.output_kernel(self.draft_vocab[...])
+
+    def draft_logits(self, backbone, states: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
         """Head states [B, J, D] -> logits [B, J, V]; outside `draft_vocab` a finite -1e30."""
         if self.draft_vocab is None:
             return backbone.logits(states)
         vocab = self.draft_vocab[...]
-        sub = backbone.logits(states, vocab)  # [B, J, U]
+        sub = backbone.logits(states, vocab, kernel=kernel)  # [B, J, U]
         full = jnp.full(sub.shape[:-1] + (backbone.cfg.vocab_size,), NEG_LOGIT, sub.dtype)
         return full.at[..., vocab].set(sub)
 

@@ -199,7 +199,6 @@ def build_dataset(dc: DataConfig, name: str, rows: Callable[[], list[dict]], dat
     Every process opens the whole splits and reads only the rows of the global batch it holds
     (clp_jax.train.multihost): batches do not depend on the number of processes.
     """
-    import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
     cls = _builder_class()
     builder = cls(rows=rows, seq_len=dc.seq_len, val_fraction=dc.validation_fraction,
