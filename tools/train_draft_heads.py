@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import sys
@@ -215,6 +216,18 @@ def run(args) -> None:
         fc = draft_fit.FitConfig(steps=steps, batch_size=args.batch, window=args.window,
                                  learning_rate=args.lr if kind == "draft_layer" else args.medusa_lr)
         fitter = draft_fit.DraftFitter(model, heads, vocab, fc)
+        if args.minutes:  # fit the step count to a time budget: time two steps after the compile
+            probe = draft_fit.DraftFitter(model, heads, vocab, fc)
+            for s in range(3):
+                if s == 1:
+                    t_probe = time.time()
+                jax.block_until_ready(probe.step(draft_fit.sample_windows(corpus_c, s, fc.batch_size, fc.window,
+                                                                           fc.seed, c_train))["loss"])
+            per_step = (time.time() - t_probe) / 2
+            steps = max(10, min(steps, int(args.minutes * 60 / per_step)))
+            print(f"{kind} k={k}: {per_step:.2f} s per step -> {steps} steps in {args.minutes} min", flush=True)
+            fc = dataclasses.replace(fc, steps=steps)
+            fitter = draft_fit.DraftFitter(model, heads, vocab, fc)
         t0 = time.time()
         hist = []
         # alternate the two sources: 3 corpus steps, 1 self-distilled step
@@ -237,6 +250,8 @@ def run(args) -> None:
     t0 = time.time()
     results = {}
     shipped, results["draft_layer_k4"] = train("draft_layer", 4, args.steps)
+    if args.medusa_minutes:
+        args.minutes = args.medusa_minutes
     if args.k2:
         _, results["draft_layer_k2"] = train("draft_layer", 2, args.steps // 2)
     if not args.skip_compare:
@@ -359,6 +374,8 @@ def main(argv=None) -> int:
     r.add_argument("--k2", action="store_true", help="also fit a k=2 draft layer (half the steps)")
     r.add_argument("--medusa-steps", type=int, default=0)
     r.add_argument("--features-only", action="store_true")
+    r.add_argument("--medusa-minutes", type=float, default=0)
+    r.add_argument("--minutes", type=float, default=0, help="time budget per fit (steps shrink to fit it)")
     f = sub.add_parser("finish")
     f.add_argument("--from", dest="src", required=True)
     f.add_argument("--out", required=True)

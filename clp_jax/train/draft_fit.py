@@ -115,6 +115,7 @@ class DraftFitter:
         self.graph, self.params, self.rest = nnx.split(heads, lambda path, x: (
             isinstance(x, nnx.Param) and path[0] in ("drafter", "mtp")), ...)
         del part
+        self.params = jax.tree.map(jnp.array, self.params)  # own buffers: the step donates them
         self.bb_graph, self.bb_state = nnx.split(backbone)
         self.opt_state = self.opt.init(self.params)
         self.step_count = 0
