@@ -46,3 +46,18 @@ def tiny_hf(request, tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The decoder tests' tiny backbone (sharpened logits, so greedy decoding is not a coin toss)."""
+    from helpers import scaled_random_model, tiny_config
+
+    return scaled_random_model(tiny_config(), seed=3, logit_scale=4.0)
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    """Three prompts of different lengths (5, 11, 3 tokens) for the decoder tests."""
+    rng = np.random.RandomState(7)
+    return [rng.randint(0, 128, n).tolist() for n in (5, 11, 3)]

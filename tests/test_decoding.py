@@ -9,21 +9,9 @@ from clp_jax.decode.loop import Decoder, DecodeConfig
 from clp_jax.model.kv_cache import init_cache
 from clp_jax.decode.sampling import SamplingConfig
 
-from helpers import (OracleHeads, forced_length_heads, random_heads, reference_table, scaled_random_model,
-                     tiny_config, zero_heads)
+from helpers import (OracleHeads, forced_length_heads, random_heads, reference_table, tiny_config, zero_heads)
 
 NEW = 24
-
-
-@pytest.fixture(scope="module")
-def model():
-    return scaled_random_model(tiny_config(), seed=3, logit_scale=4.0)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    rng = np.random.RandomState(7)
-    return [rng.randint(0, 128, n).tolist() for n in (5, 11, 3)]
 
 
 @pytest.fixture(scope="module")

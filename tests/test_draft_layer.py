@@ -12,14 +12,8 @@ from clp_jax.decode.sampling import SamplingConfig
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.model.kv_cache import LayerCache
 
-from helpers import scaled_random_model, tiny_config
 
 NEW = 20
-
-
-@pytest.fixture(scope="module")
-def model():
-    return scaled_random_model(tiny_config(), seed=3, logit_scale=4.0)
 
 
 def draft_heads(model, k=3, seed=5, vocab=None, scale=0.05):
@@ -33,12 +27,6 @@ def draft_heads(model, k=3, seed=5, vocab=None, scale=0.05):
     leaves = [x + scale * jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
     nnx.update(heads, jax.tree.unflatten(treedef, leaves))
     return heads
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    rng = np.random.RandomState(7)
-    return [rng.randint(0, 128, n).tolist() for n in (5, 11, 3)]
 
 
 @pytest.fixture(scope="module")
