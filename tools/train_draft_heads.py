@@ -157,7 +157,7 @@ def run(args) -> None:
     # order so that every batch has the same prompt bucket (one compiled program)
     t0 = time.time()
     work = args.work
-    c_dir, s_dir = os.path.join(work, "corpus"), os.path.join(work, "distilled")
+    c_dir, s_dir = os.path.join(work, "corpus_shards"), os.path.join(work, "distilled")
     if not os.path.exists(os.path.join(s_dir, "meta.json")):
         dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=args.new_tokens),
                       tuple(int(e) for e in d["eos"]))
@@ -175,12 +175,11 @@ def run(args) -> None:
         t0 = time.time()
         teacher_forced.build_cache(model, sd_tokens, sd_lengths, s_dir, batch_size=args.feat_batch, progress=False)
         print(f"distilled features {time.time() - t0:.0f}s", flush=True)
-    if not os.path.exists(os.path.join(c_dir, "meta.json")):
-        t0 = time.time()
-        teacher_forced.build_cache(model, corpus, np.full(len(corpus), corpus.shape[1], np.int32), c_dir,
-                                   batch_size=args.feat_batch, progress=False)
-        report["timings"]["features"] = time.time() - t0
-        print(f"corpus features {time.time() - t0:.0f}s", flush=True)
+    t0 = time.time()  # corpus features in shards: a killed job resumes at the first missing shard
+    teacher_forced.build_sharded(model, corpus, np.full(len(corpus), corpus.shape[1], np.int32), c_dir,
+                                 shard_records=args.shard_records, batch_size=args.feat_batch)
+    report["timings"]["features"] = time.time() - t0
+    print(f"corpus features {time.time() - t0:.0f}s", flush=True)
     if args.features_only:
         return
     sd_lengths = np.load(os.path.join(s_dir, "lengths.npy"))
@@ -197,6 +196,10 @@ def run(args) -> None:
     c_held, c_train = c_perm[:args.heldout], c_perm[args.heldout:]
     s_clp, s_train = s_perm[: int(n_s * 0.3)], s_perm[int(n_s * 0.3):]
     kinds = prompt_kinds
+    # held-out agreement and the CLP count only drafts of generated tokens (a record's prompt, the chat
+    # template's system turn above all, is not what decoding drafts)
+    prompt_lengths = np.array([len(p) for p in prompts])
+    sd_gen = draft_fit.mask_prompts(sd_c, prompt_lengths)
     vocab = teacher_forced.label_vocabulary(np.concatenate([np.asarray(corpus_c["labels"]).ravel(),
                                                             np.asarray(sd_c["labels"]).ravel()]), args.vocab_size,
                                             always=[int(e) for e in d["eos"] if e < V])
@@ -243,8 +246,8 @@ def run(args) -> None:
                 print(kind, k, hist[-1], flush=True)
         train_s = time.time() - t0
         ev = {"corpus": fitter.evaluate(draft_fit.eval_batches(corpus_c, c_held, args.window, args.batch)),
-              "chat": fitter.evaluate(draft_fit.eval_batches(sd_c, s_clp[kinds[s_clp] == 1], min(args.window, sd_len), args.batch)),
-              "code": fitter.evaluate(draft_fit.eval_batches(sd_c, s_clp[kinds[s_clp] == 0], min(args.window, sd_len), args.batch))}
+              "chat": fitter.evaluate(draft_fit.eval_batches(sd_gen, s_clp[kinds[s_clp] == 1], sd_len, args.batch)),
+              "code": fitter.evaluate(draft_fit.eval_batches(sd_gen, s_clp[kinds[s_clp] == 0], sd_len, args.batch))}
         return fitter.trained_heads(), {"train_seconds": train_s, "history": hist, "heldout": ev}
 
     t0 = time.time()
@@ -262,7 +265,7 @@ def run(args) -> None:
 
     # CLP on self-distilled records the drafter never saw
     t0 = time.time()
-    h, correct = draft_fit.chain_correct(shipped, model, sd_c, s_clp)
+    h, correct = draft_fit.chain_correct(shipped, model, sd_c, s_clp, first_anchor=prompt_lengths[s_clp] - 1)
     report["clp"] = draft_fit.fit_clp(shipped, h, correct)
     report["clp"]["positions"] = int(len(h))
     report["clp"]["draft_acceptance_on_clp_records"] = correct.mean(0).tolist()
@@ -364,6 +367,7 @@ def main(argv=None) -> int:
     r.add_argument("--new-tokens", type=int, default=128)
     r.add_argument("--gen-batch", type=int, default=128)
     r.add_argument("--feat-batch", type=int, default=16)
+    r.add_argument("--shard-records", type=int, default=128, help="corpus records per feature shard")
     r.add_argument("--vocab-size", type=int, default=32768)
     r.add_argument("--steps", type=int, default=3000)
     r.add_argument("--batch", type=int, default=16)

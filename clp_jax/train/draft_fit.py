@@ -206,6 +206,14 @@ def fit(fitter: DraftFitter, cache: dict, records: np.ndarray, *, progress: bool
     return history
 
 
+def mask_prompts(cache: dict, prompt_lengths: np.ndarray) -> dict:
+    """The cache with labels -1 inside each record's prompt (positions < its prompt length), so that
+    held-out agreement on self-distilled records counts only drafts of generated tokens."""
+    labels = np.array(cache["labels"])
+    labels[np.arange(labels.shape[1])[None, :] < np.asarray(prompt_lengths)[:, None]] = -1
+    return {**cache, "labels": labels}
+
+
 def eval_batches(cache: dict, records: np.ndarray, window: int, batch_size: int):
     """Every record of `records` cut into consecutive windows (whole records, no sampling)."""
     T = cache["tokens"].shape[1]
@@ -222,9 +230,12 @@ def eval_batches(cache: dict, records: np.ndarray, window: int, batch_size: int)
 
 # ---------------------------------------------------------------------- CLP
 
-def chain_correct(heads: Heads, backbone, cache: dict, records: np.ndarray, batch_size: int = 8):
+def chain_correct(heads: Heads, backbone, cache: dict, records: np.ndarray, batch_size: int = 8,
+                  first_anchor: np.ndarray | None = None):
     """Per position: h [M, D] and whether each of the k drafts equals y ([M, k] bool), over the real
-    positions of `records` (for self-distilled records, teacher forcing is exactly the decode chain)."""
+    positions of `records` (for self-distilled records, teacher forcing is exactly the decode chain).
+    `first_anchor` [len(records)]: the first anchor counted per record (a self-distilled record's last
+    prompt position, so only the positions decoding anchors at are counted)."""
     k = heads.cfg.k
     vocab = heads.draft_vocab[...] if heads.draft_vocab is not None else jnp.arange(backbone.cfg.vocab_size)
     g, st = nnx.split(heads)
@@ -252,6 +263,8 @@ def chain_correct(heads: Heads, backbone, cache: dict, records: np.ndarray, batc
         rows = records[i:i + batch_size]
         b = window_batch(cache, rows, np.zeros(len(rows), np.int64), T)
         ok, valid = jax.device_get(run(st, bs, *(jnp.asarray(b[x]) for x in ("hidden", "tokens", "labels", "lengths"))))
+        if first_anchor is not None:
+            valid = valid & (np.arange(T)[None, :] >= np.asarray(first_anchor)[i:i + batch_size, None])
         hs.append(b["hidden"][valid])
         oks.append(ok[valid])
     return np.concatenate(hs), np.concatenate(oks)

@@ -9,6 +9,10 @@ The cache is a directory of `.npy` files, memory-mapped when read: `hidden.npy` 
 `labels.npy` [N, T] int32, `tokens.npy` [N, T] int32, `lengths.npy` [N] int32 (positions >= length are
 padding), and `meta.json`. Records come from packed corpus text (every position real) or from
 self-distilled prompts + greedy continuations (left-aligned, padded).
+
+Large caches are built in shards (`build_sharded`: one sub-directory per range of records, each written
+atomically), so a killed feature job resumes at the first missing shard and loses at most one shard's work;
+`load_cache` reads a sharded directory as one cache.
 """
 
 from __future__ import annotations
@@ -92,8 +96,72 @@ def build_cache(model, tokens: np.ndarray, lengths: np.ndarray, out_dir: str, *,
     return out_dir
 
 
+def _shard_name(start: int, end: int) -> str:
+    return f"records_{start:06d}_{end:06d}"
+
+
+def build_sharded(model, tokens: np.ndarray, lengths: np.ndarray, out_dir: str, *, shard_records: int = 128,
+                  batch_size: int = 8, progress: bool = True) -> str:
+    """`build_cache` over ranges of `shard_records` records, skipping shards already complete.
+
+    Each shard is its own cache under out_dir (`records_<start>_<end>`); an existing single cache of the
+    first records (an older unsharded run) can be moved in under the matching shard name and is reused.
+    """
+    from tqdm.auto import tqdm
+
+    N = len(tokens)
+    os.makedirs(out_dir, exist_ok=True)
+    done = {name for name in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, name, "meta.json"))}
+    ranges, start = [], 0
+    for name in sorted(done):  # reuse complete shards whatever their size, then fill the rest
+        a, b = (int(x) for x in name.split("_")[1:])
+        if a == start and b <= N:
+            ranges.append((a, b))
+            start = b
+    while start < N:
+        ranges.append((start, min(start + shard_records, N)))
+        start = ranges[-1][1]
+    todo = [r for r in ranges if _shard_name(*r) not in done]
+    for a, b in tqdm(todo, desc="feature shards", unit="shard", disable=not progress):
+        build_cache(model, tokens[a:b], lengths[a:b], os.path.join(out_dir, _shard_name(a, b)),
+                    batch_size=batch_size, progress=False)
+        log.info("feature shard %d-%d of %d records done", a, b, N)
+    with open(os.path.join(out_dir, "shards.json"), "w") as f:
+        json.dump({"shards": [_shard_name(*r) for r in ranges], "records": int(N)}, f)
+    return out_dir
+
+
+class ShardedHidden:
+    """Row-indexable view over the shards' memory-mapped hidden states: `h[i, a:b]` reads one shard."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]),) + tuple(self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        row, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        row = int(row)
+        if not 0 <= row < self.shape[0]:
+            raise IndexError(f"record {row} outside 0..{self.shape[0] - 1}")
+        s = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return self.parts[s][(row - self.starts[s],) + tuple(rest)]
+
+
 def load_cache(path: str) -> dict[str, np.ndarray]:
-    """The cache's arrays, memory-mapped (hidden stays on disk until indexed)."""
+    """The cache's arrays, memory-mapped (hidden stays on disk until indexed); a sharded directory
+    (`build_sharded`) reads as one cache: small arrays concatenated, hidden a `ShardedHidden` view."""
+    index = os.path.join(path, "shards.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = [load_cache(os.path.join(path, name)) for name in json.load(f)["shards"]]
+        out = {k: np.concatenate([np.asarray(s[k]) for s in shards]) for k in ("labels", "tokens", "lengths")}
+        out["hidden"] = ShardedHidden([s["hidden"] for s in shards])
+        return out
     missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"{path} is not a teacher-forced feature cache (missing {missing}); "
