@@ -15,6 +15,11 @@ teacher-forced feature caches, fits the draft layer (k=4 and k=2) and Medusa hea
 data, measures held-out agreement per position, fits the CLP on self-distilled records the drafters
 never saw, and writes parameters (bf16 bits) and report.json. `finish` turns them into a heads
 checkpoint (the gate baseline is copied from the previously shipped heads).
+
+Growing a run: the corpus features are cached in shards under --work (a killed job resumes at the first
+missing shard), the data splits are fixed in --work/splits.json (a larger --records only adds training
+records, and tops the held-out set up with the newest ones), and --init-from warm-starts both drafters
+from an earlier run's --out, so held-out figures never include what an earlier run trained on.
 """
 
 from __future__ import annotations
@@ -121,6 +126,32 @@ def _save_params(module, path: str) -> None:
     np.savez(path, **flat)
 
 
+def _splits(path: str, n_corpus: int, n_distilled: int, heldout: int):
+    """Held-out corpus records, self-distilled CLP records and self-distilled drafter records, fixed
+    across runs in `path` (so a warm start never evaluates on what an earlier run trained on). When the
+    corpus has grown since, the held-out set is topped up to `heldout` with the newest records, which no
+    earlier run has seen."""
+    if os.path.exists(path):
+        with open(path) as f:
+            sp = json.load(f)
+        if sp["distilled_records"] != n_distilled or sp["corpus_records"] > n_corpus:
+            raise ValueError(f"{path} was written for {sp['corpus_records']} corpus / {sp['distilled_records']} "
+                             f"self-distilled records, not {n_corpus} / {n_distilled}; use a new --work directory.")
+        held = list(sp["corpus_heldout"])
+        extra = max(0, min(heldout - len(held), n_corpus - sp["corpus_records"]))
+        held += list(range(n_corpus - extra, n_corpus))
+    else:
+        rng = np.random.RandomState(0)
+        c_perm, s_perm = rng.permutation(n_corpus), rng.permutation(n_distilled)
+        held = c_perm[:heldout].tolist()
+        sp = {"distilled_clp": s_perm[: int(n_distilled * 0.3)].tolist(),
+              "distilled_train": s_perm[int(n_distilled * 0.3):].tolist()}
+    sp.update(corpus_heldout=[int(i) for i in held], corpus_records=n_corpus, distilled_records=n_distilled)
+    with open(path, "w") as f:
+        json.dump(sp, f)
+    return np.array(held, np.int64), np.array(sp["distilled_clp"], np.int64), np.array(sp["distilled_train"], np.int64)
+
+
 def run(args) -> None:
     import jax
     from flax import nnx
@@ -190,11 +221,9 @@ def run(args) -> None:
         jax.config.update("jax_default_matmul_precision", "default")
 
     # splits: corpus held-out records; self-distilled: 70% drafters, 30% CLP (never seen by drafters)
-    rng = np.random.RandomState(0)
     n_c, n_s = len(corpus), len(distilled)
-    c_perm, s_perm = rng.permutation(n_c), rng.permutation(n_s)
-    c_held, c_train = c_perm[:args.heldout], c_perm[args.heldout:]
-    s_clp, s_train = s_perm[: int(n_s * 0.3)], s_perm[int(n_s * 0.3):]
+    c_held, s_clp, s_train = _splits(os.path.join(work, "splits.json"), n_c, n_s, args.heldout)
+    c_train = np.setdiff1d(np.arange(n_c), c_held)
     kinds = prompt_kinds
     # held-out agreement and the CLP count only drafts of generated tokens (a record's prompt, the chat
     # template's system turn above all, is not what decoding drafts)
@@ -204,6 +233,7 @@ def run(args) -> None:
                                                             np.asarray(sd_c["labels"]).ravel()]), args.vocab_size,
                                             always=[int(e) for e in d["eos"] if e < V])
     report["draft_vocab"] = len(vocab)
+    report["init_from"] = args.init_from or None
     report["positions"] = {"corpus_train": int(len(c_train) * corpus.shape[1]),
                            "distilled_train": int(sd_lengths[s_train].sum()),
                            "distilled_clp": int(sd_lengths[s_clp].sum())}
@@ -216,6 +246,16 @@ def run(args) -> None:
         heads = Heads(cfg, rngs=nnx.Rngs(0), draft_vocab=vocab)
         if kind == "draft_layer":
             heads.drafter.init_from_backbone(model)
+        if args.init_from:  # warm start from an earlier run's parameters (same splits: see _splits)
+            import glob
+
+            files = (sorted(glob.glob(os.path.join(args.init_from, "draft_layer_*.npz"))) if kind == "draft_layer"
+                     else [os.path.join(args.init_from, f"medusa_k{k}.npz")])
+            if files and all(os.path.exists(f) for f in files):
+                _load_bits(heads.drafter if kind == "draft_layer" else heads.mtp, files)
+                print(f"{kind} k={k}: warm start from {files}", flush=True)
+            else:
+                print(f"{kind} k={k}: nothing to warm start from in {args.init_from}; from the initialisation", flush=True)
         fc = draft_fit.FitConfig(steps=steps, batch_size=args.batch, window=args.window,
                                  learning_rate=args.lr if kind == "draft_layer" else args.medusa_lr)
         fitter = draft_fit.DraftFitter(model, heads, vocab, fc)
@@ -248,7 +288,9 @@ def run(args) -> None:
         ev = {"corpus": fitter.evaluate(draft_fit.eval_batches(corpus_c, c_held, args.window, args.batch)),
               "chat": fitter.evaluate(draft_fit.eval_batches(sd_gen, s_clp[kinds[s_clp] == 1], sd_len, args.batch)),
               "code": fitter.evaluate(draft_fit.eval_batches(sd_gen, s_clp[kinds[s_clp] == 0], sd_len, args.batch))}
-        return fitter.trained_heads(), {"train_seconds": train_s, "history": hist, "heldout": ev}
+        return fitter.trained_heads(), {"train_seconds": train_s, "steps": steps,
+                                        "positions_seen": steps * fc.batch_size * fc.window,
+                                        "history": hist, "heldout": ev}
 
     t0 = time.time()
     results = {}
@@ -335,7 +377,7 @@ def finish(args) -> None:
     _load_bits(heads.clp, [os.path.join(args.src, "clp.npz")])
     nnx.update(heads.gate_heads, nnx.state(old.gate_heads, nnx.Param))
     nnx.update(heads.gate, nnx.state(old.gate, nnx.Param))
-    extra = {"training": {k: report[k] for k in ("device", "positions", "timings", "draft_vocab")},
+    extra = {"training": {k: report.get(k) for k in ("device", "positions", "timings", "draft_vocab", "init_from")},
              "evaluation": {n: r["heldout"] for n, r in report["results"].items()},
              "clp": report["clp"], "clp_confidence": report["clp"]["clp_confidence"],
              "gate": "carried over from the previous shipped heads (Medusa-style gate heads + MLP gate)"}
@@ -378,6 +420,7 @@ def main(argv=None) -> int:
     r.add_argument("--k2", action="store_true", help="also fit a k=2 draft layer (half the steps)")
     r.add_argument("--medusa-steps", type=int, default=0)
     r.add_argument("--features-only", action="store_true")
+    r.add_argument("--init-from", default="", help="warm start: an earlier run's --out directory")
     r.add_argument("--medusa-minutes", type=float, default=0)
     r.add_argument("--minutes", type=float, default=0, help="time budget per fit (steps shrink to fit it)")
     f = sub.add_parser("finish")
