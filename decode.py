@@ -21,7 +21,8 @@ def parse_args(argv=None):
                    help="heads checkpoint directory, or 'zero' for untrained zero-initialised heads "
                         "(default: the shipped heads of the demo backbone, where they exist)")
     p.add_argument("--mode", default="verify", choices=decoding.MODES)
-    p.add_argument("--k", type=int, default=None, help="heads to use (default: all the heads provide)")
+    p.add_argument("--k", type=int, default=None, help="heads to use (default: all the heads provide, "
+                   "less any whose slot would pad a pass to a costlier width: 3 of 4 on CPU)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="jsonl: strings, {'prompt': ...} or {'messages': [...]}")
     p.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
@@ -67,7 +68,7 @@ def run(args) -> int:
     print(f"backbone {backbone.source} ({'cached' if backbone.from_cache else 'converted'} in "
           f"{backbone.load_seconds:.1f} s)", file=sys.stderr)
     heads = options.build_heads(heads_source, backbone.cfg, args.k)
-    k = args.k or (heads.cfg.k if heads is not None else 1)
+    k = args.k or options.default_k(heads, backbone.cfg, args.batch_size)
     dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
                       tau=args.tau, clp_confidence=args.clp_confidence, verify_drafts=args.verify_drafts,
                       max_cache_len=args.max_cache_len,

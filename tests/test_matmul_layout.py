@@ -68,3 +68,24 @@ def test_layout_selection(monkeypatch):
         assert [qwen2.padded_width(cols, 1, w) for w in range(1, 10)] == [1, 2, 3, 4, 8, 8, 8, 8, 9]
         assert qwen2.padded_width(cols, 2, 3) == 4
         assert qwen2.padded_width(cfg.replace(matmul_layout="rows"), 1, 5) == 5
+
+
+def test_default_k_skips_heads_that_pad_the_pass():
+    """decode.py's default k: all heads, less any whose slot would pad a CPU cols pass to 8."""
+    from flax import nnx
+
+    from clp_jax.decode import options
+    from clp_jax.drafting.heads import Heads, HeadsConfig
+
+    cfg = tiny_config()
+    heads = Heads(HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, k=4), rngs=nnx.Rngs(0))
+    rows, cols = cfg.replace(matmul_layout="rows"), cfg.replace(matmul_layout="cols")
+    assert options.default_k(None, cols) == 1
+    assert options.default_k(heads, rows) == 4
+    assert qwen2.unpadded_k(rows, 1, 7) == 7
+    if jax.default_backend() == "cpu":
+        assert options.default_k(heads, cols) == 3  # 5 slots would run at 8
+        assert options.default_k(heads, cols, batch=2) == 4  # 2 x 5 = 10 columns: no padding
+        assert [qwen2.unpadded_k(cols, 1, k) for k in (1, 2, 3, 4, 7, 8)] == [1, 2, 3, 3, 7, 8]
+    else:
+        assert options.default_k(heads, cols) == 4

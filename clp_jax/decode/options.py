@@ -15,6 +15,7 @@ from flax import nnx
 from clp_jax.drafting.checkpoint import CheckpointError, load_heads, read_heads_config, shipped_heads_path
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.model.config import ModelConfig
+from clp_jax.model.qwen2 import unpadded_k
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +106,11 @@ def build_heads(source: str | None, backbone_cfg: ModelConfig, k: int | None = N
         return Heads(HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size,
                                  k=k or 4), rngs=nnx.Rngs(0))
     return load_heads(source, backbone_cfg)
+
+
+def default_k(heads: Heads | None, backbone_cfg: ModelConfig, batch: int = 1) -> int:
+    """decode.py's k when --k is not given: all the heads provide, less any head whose slot would pad
+    the pass to a costlier width (on CPU under cols: 3 of 4; on accelerators: all)."""
+    if heads is None:
+        return 1
+    return unpadded_k(backbone_cfg, batch, heads.cfg.k)
