@@ -37,9 +37,9 @@ def test_export_to_bf16_keeps_metadata_and_decodes_alike(tmp_path):
     meta = json.loads((tmp_path / "s" / "heads.json").read_text())
     assert meta["eval"] == {"head1_acc": 0.5}
     h = jax.random.normal(jax.random.key(0), (4, cfg.hidden_size))
-    np.testing.assert_allclose(shipped.mtp(h), heads.mtp(h), rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(shipped.drafter(h), heads.drafter(h), rtol=0.05, atol=0.05)
     np.testing.assert_allclose(shipped.clp(h), heads.clp(h), rtol=0.05, atol=0.1)
-    assert not np.allclose(shipped.mtp(h), h[:, None])  # the heads are not a no-op
+    assert not np.allclose(shipped.drafter(h), h[:, None])  # the heads are not a no-op
 
 
 def test_draft_vocabulary_round_trip_and_corruption(tmp_path):

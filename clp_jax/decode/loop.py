@@ -47,6 +47,10 @@ class DecodeResult:
     accepted: np.ndarray  # [B, k]
     prefill_seconds: float  # compilation excluded
     decode_seconds: float  # compilation excluded
+    # DecodeConfig.record_hidden / record_topk: per prompt, arrays over positions 0 .. len(prompt + tokens)
+    hidden: list[np.ndarray] | None = None  # [L, D] bf16
+    topk_ids: list[np.ndarray] | None = None  # [L, K] (rows before the last prompt position are zero)
+    topk_probs: list[np.ndarray] | None = None  # [L, K]
 
     @property
     def num_tokens(self) -> int:
@@ -116,7 +120,10 @@ class Decoder:
             rng=rng, steps=jnp.zeros((), jnp.int32), passes=jnp.zeros((B,), jnp.int32),
             offered=jnp.zeros((B, k), jnp.int32), accepted=jnp.zeros((B, k), jnp.int32),
             cache=init_cache(self.cfg, B, S),
-            draft_cache=() if heads is None else heads.init_cache(B, S, self.cfg.jnp_dtype))
+            draft_cache=() if heads is None else heads.init_cache(B, S, self.cfg.jnp_dtype),
+            rec_hidden=jnp.zeros((B, S if self.dc.record_hidden else 0, self.cfg.hidden_size), jnp.bfloat16),
+            rec_topk_ids=jnp.zeros((B, S if self.dc.record_topk else 0, self.dc.record_topk), jnp.int32),
+            rec_topk_probs=jnp.zeros((B, S if self.dc.record_topk else 0, self.dc.record_topk), jnp.float32))
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         hidden, cache = model(tokens, positions, st.cache)
         st = st.replace(cache=cache)
@@ -232,9 +239,15 @@ class Decoder:
         return self.result_of(st, len(prompts), (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1))
 
     def result_of(self, st: DecodeState, n: int, prefill_seconds: float, decode_seconds: float) -> DecodeResult:
-        passes, offered, accepted = jax.device_get((st.passes, st.offered, st.accepted))
+        passes, offered, accepted, length = jax.device_get((st.passes, st.offered, st.accepted, st.length))
+        recs = {}
+        for name in ("hidden", "topk_ids", "topk_probs"):
+            arr = getattr(st, f"rec_{name}")
+            if arr.shape[1]:
+                arr = np.asarray(jax.device_get(arr))
+                recs[name] = [arr[i, :length[i]] for i in range(n)]
         return DecodeResult(self.tokens_of(st, n), passes[:n], offered[:n], accepted[:n],
-                            prefill_seconds, decode_seconds)
+                            prefill_seconds, decode_seconds, **recs)
 
     def stream(self, prompts: Sequence[Sequence[int]], seed: int = 0,
                steps_per_call: int = 4) -> Iterator[tuple[list[list[int]], DecodeState]]:

@@ -33,6 +33,7 @@ class Commit(NamedTuple):
     head_start: int  # index in `tokens` of head token 0 (1 after t1; 0 for gate and verify)
     anchor: jax.Array | None  # [B] chunk slot of h_n for the next drafts (None: no drafting)
     t1: jax.Array | None  # [B] the backbone's token after the anchor
+    t1_logits: jax.Array | None = None  # [B, V] the backbone's next-token logits (ar: for soft labels)
 
 
 class Step(NamedTuple):
@@ -94,6 +95,7 @@ class Advance:
         else:
             fed = st.length  # everything committed before this step is now cached
         draft_cache = st.draft_cache if drafts is None else drafts.cache
+        rec = self._record(st, step, c)
 
         def keep(new, old):
             mask = active.reshape(active.shape + (1,) * (new.ndim - 1))
@@ -107,8 +109,25 @@ class Advance:
             done=st.done | finished, rng=rng, passes=st.passes + active,
             offered=st.offered + (c.offered & active[:, None]),
             accepted=st.accepted + (c.head_ok & in_commit & active[:, None]),
-            draft_cache=draft_cache,
+            draft_cache=draft_cache, **rec,
         )
+
+    def _record(self, st: DecodeState, step: Step, c: Commit) -> dict:
+        """Self-distillation records: the fed slots' hidden states at their positions, and the top-K of
+        the next-token distribution at the anchor (the last committed token's position)."""
+        out = {}
+        B, S = st.buf.shape
+        rows = jnp.arange(B)
+        if self.dc.record_hidden:
+            pos = jnp.where(step.positions < S, step.positions, S)  # [B, W]
+            out["rec_hidden"] = st.rec_hidden.at[rows[:, None], pos].set(
+                step.hidden.astype(st.rec_hidden.dtype), mode="drop")
+        if self.dc.record_topk:
+            probs, ids = jax.lax.top_k(jax.nn.softmax(c.t1_logits.astype(jnp.float32), -1), self.dc.record_topk)
+            at = step.positions[rows, step.last]  # [B]
+            out["rec_topk_ids"] = st.rec_topk_ids.at[rows, at].set(ids.astype(jnp.int32), mode="drop")
+            out["rec_topk_probs"] = st.rec_topk_probs.at[rows, at].set(probs, mode="drop")
+        return out
 
     # ------------------------------------------------------------------ drafting
 
@@ -134,10 +153,11 @@ class Advance:
         """ar: the backbone's next token t1."""
         B, k = step.chunk.shape[0], self.dc.k
         h = _take_rows(step.hidden, step.last[:, None])[:, 0]  # [B, D]
-        t1 = sampling.choose(key, model.logits(h), self.dc.sampling)
+        logits = model.logits(h)
+        t1 = sampling.choose(key, logits, self.dc.sampling)
         none = jnp.zeros((B, k), bool)
         return Commit(jnp.pad(t1[:, None], ((0, 0), (0, k))), jnp.ones((B,), jnp.int32), none, none, 1,
-                      None, None), None
+                      None, None, logits), None
 
     def _heads_commit(self, model, heads, st, step, key, key_draft):
         """clp / confadapt: t1 from the backbone plus the accepted prefix of the heads' drafts."""
@@ -155,7 +175,7 @@ class Advance:
         else:  # confadapt
             conf = jnp.max(jax.nn.softmax(d.logits, axis=-1), axis=-1)  # [B, k]
             n_heads = prefix_len(conf >= dc.tau)
-        if not sc.greedy and heads.drafter is None:  # Medusa heads continue the greedy t1 only
+        if not sc.greedy and not heads.drafter.follows_t1:  # these drafts continue the greedy t1 only
             n_heads = jnp.where(t1 == jnp.argmax(t1_logits, -1), n_heads, 0)
         j = jnp.arange(k)
         tokens = jnp.concatenate([t1[:, None], d.tokens], axis=1)  # [B, k+1]

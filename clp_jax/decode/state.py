@@ -27,6 +27,11 @@ class DecodeConfig:
     adaptive_width: bool = False  # per step, feed only as many slots as the widest row needs
     # (lax.switch over widths 1..k+1: k+1 times the compile time; pays where a wider pass costs more, e.g. CPU)
     max_cache_len: int = 4096  # upper bound on prompt + generated tokens + one chunk
+    # ar only: keep the trunk's hidden state of every position (bf16) and the top-`record_topk` of the
+    # backbone's next-token distribution at every generated anchor, so self-distilled training records
+    # cost one pass (clp_jax/train/feature_store.py); 0 = no soft labels
+    record_hidden: bool = False
+    record_topk: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -41,6 +46,10 @@ class DecodeConfig:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}.")
         if self.clp_confidence is not None and not 0.0 < self.clp_confidence <= 1.0:
             raise ValueError(f"clp_confidence must be in (0, 1], got {self.clp_confidence}.")
+        if (self.record_hidden or self.record_topk) and self.mode != "ar":
+            raise ValueError("Recording hidden states / soft labels is for 'ar' (self-distillation) only.")
+        if not 0 <= self.record_topk <= 64:
+            raise ValueError(f"record_topk must be in 0..64, got {self.record_topk}.")
 
     @property
     def width(self) -> int:
@@ -70,6 +79,10 @@ class DecodeState:
     accepted: jax.Array  # [B, k] drafts committed at each head position
     cache: tuple[LayerCache, ...]
     draft_cache: tuple[LayerCache, ...]  # the draft layer's own cache (empty for Medusa heads)
+    # DecodeConfig.record_hidden / record_topk (else zero-length): per position of the buffer
+    rec_hidden: jax.Array  # [B, S, D] bf16 trunk state of the token at each position
+    rec_topk_ids: jax.Array  # [B, S, K] int32 top-K next-token ids at each generated anchor
+    rec_topk_probs: jax.Array  # [B, S, K] float32 their probabilities (greedy distribution, T=1)
 
     def replace(self, **kw) -> "DecodeState":
         return dataclasses.replace(self, **kw)

@@ -66,6 +66,33 @@ class DraftLayer(nnx.Module):
         out, cache = self.layer(x, positions, cache)
         return backbone.final_norm(out), cache
 
+    # ------------------------------------------------------------------ the Drafter interface
+
+    follows_t1 = True  # step 1 reads Embed(t1)
+
+    def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> tuple:
+        """One layer's KV cache [B, capacity, K, H]."""
+        shape = (batch, capacity, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return (LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),)
+
+    def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick, logits_fn):
+        """The chain of k drafts after the anchor slot: one pass over the fed chunk writes the committed
+        positions' entries and is step 1; steps 2..k feed their own drafts.
+        Returns logits [B, k, V], tokens [B, k] and the updated cache."""
+        rows = jnp.arange(hidden.shape[0])
+        feats, layer_cache = self.step(backbone, hidden, next_tokens, positions, cache[0])
+        f = feats[rows, anchor][:, None]  # [B, 1, D]
+        pos = positions[rows, anchor][:, None]  # [B, 1]
+        all_logits, tokens = [], []
+        for j in range(k):
+            logits = logits_fn(f)[:, 0]  # [B, V]
+            token = pick(j, logits)
+            all_logits.append(logits)
+            tokens.append(token)
+            if j + 1 < k:
+                f, layer_cache = self.step(backbone, f, token[:, None], pos + j + 1, layer_cache)
+        return jnp.stack(all_logits, 1), jnp.stack(tokens, 1), (layer_cache,)
+
     # ------------------------------------------------------------------ training-time test
 
     def unrolled(self, backbone, hidden: jax.Array, tokens: jax.Array, k: int) -> jax.Array:

@@ -27,7 +27,6 @@ from flax import nnx
 
 from clp_jax.drafting.draft_layer import DraftLayer
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.kv_cache import LayerCache
 from clp_jax.model.layers import logical
 from clp_jax.model.numerics import NEG_LOGIT
 
@@ -48,8 +47,8 @@ class HeadsConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"HeadsConfig.k must be >= 1, got {self.k}.")
+        if not 1 <= self.k <= MAX_K:
+            raise ValueError(f"HeadsConfig.k must be in 1..{MAX_K}, got {self.k}.")
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"HeadsConfig.kind must be one of {HEAD_KINDS}, got {self.kind!r}.")
         if self.kind == "draft_layer" and not self.layer:
@@ -74,6 +73,7 @@ class HeadsConfig:
 
 
 HEAD_KINDS = ("medusa", "draft_layer")
+MAX_K = 16  # more draft positions than any pass would verify
 
 
 class MTPHeads(nnx.Module):
@@ -98,6 +98,37 @@ class MTPHeads(nnx.Module):
                 raise ValueError("Conditioned MTP heads need the embedding of t1.")
             pre = pre + jnp.einsum("...D,JDE->...JE", t1_embed, self.u[...][:k].astype(h.dtype))
         return h[..., None, :] + jax.nn.silu(pre)
+
+    # ------------------------------------------------------------------ the Drafter interface
+
+    @property
+    def follows_t1(self) -> bool:
+        """Whether the drafts are drawn for the t1 actually chosen (only conditioned heads read it)."""
+        return self.u is not None
+
+    def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> tuple:
+        return ()  # each head reads h_n alone
+
+    def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick, logits_fn):
+        """k drafts from h_n (and Embed(t1) when conditioned): logits [B, k, V], tokens [B, k], cache."""
+        rows = jnp.arange(hidden.shape[0])
+        h = hidden[rows, anchor]  # [B, D]
+        t1_embed = backbone.embed(next_tokens[rows, anchor]) if self.u is not None else None
+        logits = logits_fn(self(h, t1_embed, k))  # [B, k, V]
+        return logits, jnp.stack([pick(j, logits[:, j]) for j in range(k)], axis=1), cache
+
+    def unrolled(self, backbone, hidden: jax.Array, tokens: jax.Array, k: int) -> jax.Array:
+        """Training: states [k, B, T, D] laid out as DraftLayer.unrolled's (entry [j-1, :, p] scores the
+        token at p+2 for an anchor at n = p-j+1): head j's state at n moved to p = n+j-1."""
+        t1e = None
+        if self.u is not None:  # x_{n+1}: the token after each anchor
+            t1e = backbone.embed(jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)).astype(hidden.dtype)
+        states = self(hidden, t1e, k)  # [B, T, k, D]
+        out = []
+        for j in range(k):
+            s = states[:, :, j]
+            out.append(jnp.concatenate([jnp.zeros_like(s[:, :j]), s[:, :s.shape[1] - j]], axis=1))
+        return jnp.stack(out)
 
 
 class CLP(nnx.Module):
@@ -176,12 +207,8 @@ class Heads(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.draft_vocab = None if draft_vocab is None else nnx.Variable(jnp.asarray(draft_vocab, jnp.int32))
-        if cfg.kind == "draft_layer":
-            self.mtp = None
-            self.drafter = DraftLayer(cfg.layer_config().replace(param_dtype=cfg.param_dtype), rngs=rngs)
-        else:
-            self.drafter = None
-            self.mtp = MTPHeads(cfg.hidden_size, cfg.k, conditioned=cfg.conditioned, param_dtype=pd, rngs=rngs)
+        # the drafter: one of two implementations of the same interface (draft / unrolled / init_cache)
+        self.drafter = DRAFTERS[cfg.kind](cfg, rngs)
         self.clp = CLP(cfg.hidden_size, cfg.k, param_dtype=pd, rngs=rngs)
         if cfg.gate:
             self.gate_heads = MTPHeads(cfg.hidden_size, cfg.k, param_dtype=pd, rngs=rngs)
@@ -196,12 +223,8 @@ class Heads(nnx.Module):
         return out
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> tuple:
-        """The draft layer's KV cache (one layer, [B, capacity, K, H]); Medusa heads keep none."""
-        if self.drafter is None:
-            return ()
-        c = self.drafter.cfg
-        shape = (batch, capacity, c.num_kv_heads, c.head_dim)
-        return (LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),)
+        """The drafter's own cache (the draft layer's KV cache; Medusa heads keep none)."""
+        return self.drafter.init_cache(batch, capacity, dtype)
 
     def draft(self, backbone, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
               anchor: jax.Array, k: int, cache: tuple, pick: Pick, kernel: jax.Array | None = None) -> Drafts:
@@ -217,27 +240,10 @@ class Heads(nnx.Module):
           pick: turns draft j's logits [B, V] into tokens [B] (greedy or sampled).
           kernel: `draft_kernel(backbone)`, computed once outside the decoding loop (else per call).
         """
-        rows = jnp.arange(hidden.shape[0])
-        h = hidden[rows, anchor]  # [B, D]
-        t1 = next_tokens[rows, anchor]  # [B]
-        if self.drafter is None:
-            t1_embed = backbone.embed(t1) if self.cfg.conditioned else None
-            logits = self.draft_logits(backbone, self.mtp(h, t1_embed, k), kernel)  # [B, k, V]
-            tokens = jnp.stack([pick(j, logits[:, j]) for j in range(k)], axis=1)
-            return Drafts(logits, tokens, self.clp(h), cache)
-        # draft layer: one pass over the chunk writes the committed positions' entries and is step 1
-        feats, layer_cache = self.drafter.step(backbone, hidden, next_tokens, positions, cache[0])
-        f = feats[rows, anchor][:, None]  # [B, 1, D]
-        pos = positions[rows, anchor][:, None]  # [B, 1]
-        all_logits, tokens = [], []
-        for j in range(k):
-            logits = self.draft_logits(backbone, f, kernel)[:, 0]  # [B, V]
-            token = pick(j, logits)
-            all_logits.append(logits)
-            tokens.append(token)
-            if j + 1 < k:
-                f, layer_cache = self.drafter.step(backbone, f, token[:, None], pos + j + 1, layer_cache)
-        return Drafts(jnp.stack(all_logits, 1), jnp.stack(tokens, 1), self.clp(h), (layer_cache,))
+        h = hidden[jnp.arange(hidden.shape[0]), anchor]  # [B, D]
+        logits, tokens, cache = self.drafter.draft(backbone, hidden, next_tokens, positions, anchor, k, cache, pick,
+                                                   lambda states: self.draft_logits(backbone, states, kernel))
+        return Drafts(logits, tokens, self.clp(h), cache)
 
     def draft_kernel(self, backbone) -> jax.Array | None:
         """The output projection's rows of `draft_vocab` [U, D] (None without one): a gather of U*D
@@ -264,14 +270,20 @@ class Heads(nnx.Module):
         return Proposal(backbone.logits(h), self.draft_logits(backbone, states), self.gate(h)[:, :k])
 
 
+DRAFTERS = {
+    "medusa": lambda cfg, rngs: MTPHeads(cfg.hidden_size, cfg.k, conditioned=cfg.conditioned,
+                                         param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs),
+    "draft_layer": lambda cfg, rngs: DraftLayer(cfg.layer_config().replace(param_dtype=cfg.param_dtype), rngs=rngs),
+}
+
+
 def count_params(module: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def param_summary(heads: Heads) -> str:
     """One line per part, e.g. for start-up logs."""
-    parts = ([("MTP heads", heads.mtp)] if heads.drafter is None else [("draft layer", heads.drafter)])
-    parts += [("CLP", heads.clp)]
+    parts = [("MTP heads" if heads.cfg.kind == "medusa" else "draft layer", heads.drafter), ("CLP", heads.clp)]
     if heads.gate is not None:
         parts += [("gate heads", heads.gate_heads), ("gate MLP", heads.gate)]
     return ", ".join(f"{name}: {count_params(m):,}" for name, m in parts)

