@@ -61,7 +61,7 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
     elif os.path.exists(vocab_path):
         os.remove(vocab_path)
     with open(os.path.join(path, _META), "w") as f:
-        json.dump({"heads_config": json.loads(heads.cfg.to_json()),
+        json.dump({"heads_config": json.loads(heads.cfg.to_json()), "calibration": heads.calibration_list(),
                    "backbone": backbone_cfg if isinstance(backbone_cfg, dict) else backbone_fingerprint(backbone_cfg),
                    **(extra or {})}, f, indent=1)
     if jax.process_count() > 1:
@@ -111,7 +111,11 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
                 or draft_vocab.min() < 0 or draft_vocab.max() >= cfg.vocab_size):
             raise CheckpointError(f"{os.path.join(path, _VOCAB)} is not a list of token ids below "
                                   f"{cfg.vocab_size}.")
-    heads = Heads(cfg, rngs=nnx.Rngs(0), draft_vocab=draft_vocab)
+    calibration = meta.get("calibration")
+    if calibration is not None and (not isinstance(calibration, list) or len(calibration) != cfg.k
+                                    or not all(isinstance(t, (int, float)) and t > 0 for t in calibration)):
+        raise CheckpointError(f"{meta_path}: 'calibration' must be {cfg.k} positive temperatures, got {calibration!r}.")
+    heads = Heads(cfg, rngs=nnx.Rngs(0), draft_vocab=draft_vocab, calibration=calibration)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             nnx.to_pure_dict(nnx.state(heads, nnx.Param)))
     try:
@@ -132,9 +136,10 @@ def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
     with open(os.path.join(os.path.abspath(os.path.expanduser(src)), _META)) as f:
         meta = json.load(f)
     out = Heads(dataclasses.replace(heads.cfg, param_dtype=dtype), rngs=nnx.Rngs(0),
-                draft_vocab=None if heads.draft_vocab is None else heads.draft_vocab[...])
+                draft_vocab=None if heads.draft_vocab is None else heads.draft_vocab[...],
+                calibration=heads.calibration_list())
     nnx.update(out, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), nnx.state(heads, nnx.Param)))
-    extra = {k: v for k, v in meta.items() if k not in ("heads_config", "backbone")}
+    extra = {k: v for k, v in meta.items() if k not in ("heads_config", "backbone", "calibration")}
     save_heads(dst, out, meta["backbone"], {**extra, "exported_from": src})
     return out
 

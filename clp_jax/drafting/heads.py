@@ -203,10 +203,15 @@ class Heads(nnx.Module):
     the whole vocabulary. The backbone's own tokens (t1, verification) always use the full vocabulary.
     """
 
-    def __init__(self, cfg: HeadsConfig, *, rngs: nnx.Rngs, draft_vocab=None):
+    def __init__(self, cfg: HeadsConfig, *, rngs: nnx.Rngs, draft_vocab=None, calibration=None):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.draft_vocab = None if draft_vocab is None else nnx.Variable(jnp.asarray(draft_vocab, jnp.int32))
+        # per draft position j, a temperature T_j fitted on held-out records: softmax(logits_j / T_j) is a
+        # calibrated confidence (None: uncalibrated heads); stored in heads.json, not a trained Param
+        if calibration is not None and len(calibration) != cfg.k:
+            raise ValueError(f"calibration has {len(calibration)} temperatures; these heads draft {cfg.k} positions.")
+        self.calibration = None if calibration is None else nnx.Variable(jnp.asarray(calibration, jnp.float32))
         # the drafter: one of two implementations of the same interface (draft / unrolled / init_cache)
         self.drafter = DRAFTERS[cfg.kind](cfg, rngs)
         self.clp = CLP(cfg.hidden_size, cfg.k, param_dtype=pd, rngs=rngs)
@@ -218,7 +223,17 @@ class Heads(nnx.Module):
 
     def with_draft_vocab(self, draft_vocab) -> "Heads":
         """The same heads (parameters shared by value) drafting from `draft_vocab` [U] (None: everything)."""
-        out = Heads(self.cfg, rngs=nnx.Rngs(0), draft_vocab=draft_vocab)
+        out = Heads(self.cfg, rngs=nnx.Rngs(0), draft_vocab=draft_vocab, calibration=self.calibration_list())
+        nnx.update(out, nnx.state(self, nnx.Param))
+        return out
+
+    def calibration_list(self) -> list[float] | None:
+        return None if self.calibration is None else [float(t) for t in self.calibration[...]]
+
+    def with_calibration(self, temperatures) -> "Heads":
+        """The same heads with per-position confidence temperatures [k] (None: uncalibrated)."""
+        out = Heads(self.cfg, rngs=nnx.Rngs(0), calibration=temperatures,
+                    draft_vocab=None if self.draft_vocab is None else self.draft_vocab[...])
         nnx.update(out, nnx.state(self, nnx.Param))
         return out
 
