@@ -1,4 +1,6 @@
-"""Train MTP heads, the CLP and the gate baseline on a frozen backbone: `python train.py --config configs/demo.toml`."""
+"""Train a drafter (the draft layer or Medusa heads), the CLP and, optionally, the gate baseline on a frozen
+backbone: `python train.py --config configs/draft_layer_demo.toml`. One run builds the feature store
+(self-distilled and teacher-forced records), trains, evaluates and writes heads that decode.py loads."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from clp_jax.model.config import ModelConfig
 from clp_jax.drafting.heads import Heads, HeadsConfig
+from clp_jax.weights import mimo
 
 _META = "heads.json"
 _PARAMS = "params"
@@ -71,8 +72,12 @@ def save_heads(path: str, heads: Heads, backbone_cfg: ModelConfig | dict, extra:
 
 
 def read_heads_config(path: str) -> HeadsConfig:
-    """The HeadsConfig of a checkpoint from its small heads.json alone (cheap: nothing restored)."""
-    meta_path = os.path.join(os.path.abspath(os.path.expanduser(path)), _META)
+    """The HeadsConfig of a checkpoint from its small heads.json alone (cheap: nothing restored); of a
+    MiMo-MTP export (weights/mimo.py) from its config.json."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(os.path.join(path, _META)) and mimo.is_export(path):
+        return _mimo_heads_config(path)
+    meta_path = os.path.join(path, _META)
     try:
         with open(meta_path) as f:
             return HeadsConfig(**json.load(f)["heads_config"])
@@ -89,6 +94,8 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
     if not os.path.isdir(path):
         raise CheckpointError(f"Heads checkpoint {path!r} does not exist. Train heads with train.py, "
                               "or pass --heads zero for untrained heads.")
+    if not os.path.exists(meta_path) and mimo.is_export(path):
+        return _load_mimo_heads(path, backbone_cfg)
     if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, _PARAMS)):
         raise CheckpointError(f"{path!r} is not a heads checkpoint (expected {_META} and {_PARAMS}/).")
     try:
@@ -127,6 +134,60 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(heads, state)
     return heads
+
+
+def _mimo_heads_config(path: str) -> HeadsConfig:
+    """The draft layer of a MiMo-MTP export as HeadsConfig: its k from clp_jax's record (1 without one),
+    the block geometry from the target's config, no gate baseline."""
+    try:
+        hf = mimo.read_config(path)
+        backbone = ModelConfig.from_hf_config(hf)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json is not a Qwen2 MiMo-MTP config ({e}).") from e
+    record = hf.get(mimo.RECORD) or {}
+    return HeadsConfig.for_backbone(backbone, k=int(record.get("k", 1)), kind="draft_layer", gate=False,
+                                    param_dtype=record.get("param_dtype", "float32"))
+
+
+def _load_mimo_heads(path: str, backbone_cfg: ModelConfig | None) -> Heads:
+    """Heads holding the draft layer (and the CLP, where exported) of a MiMo-MTP export."""
+    cfg = _mimo_heads_config(path)
+    exported = ModelConfig.from_hf_config(mimo.read_config(path))
+    if backbone_cfg is not None and backbone_fingerprint(exported) != backbone_fingerprint(backbone_cfg):
+        raise CheckpointError(f"The draft layer in {path!r} was exported for another backbone "
+                              f"({backbone_fingerprint(exported)}); this backbone is "
+                              f"{backbone_fingerprint(backbone_cfg)}.")
+    try:
+        params, clp, _ = mimo.read_draft_layer(path, exported)
+    except (mimo.FormatError, OSError, ValueError) as e:
+        raise CheckpointError(f"Could not read the draft layer of {path!r}: {e}") from e
+    heads = Heads(cfg, rngs=nnx.Rngs(0))
+    values = {f"drafter.{k}": v for k, v in params.items()}
+    values.update({f"clp.{k[len('clp.'):]}": v for k, v in (clp or {}).items()})
+    _set_params(heads, values, path, optional=() if clp else ("clp.",))
+    return heads
+
+
+def _set_params(module, values: dict, path: str, optional: tuple = ()) -> None:
+    """Sets a module's parameters from flat `{'drafter.fuse': array}` values, checking names and shapes;
+    parameters under an `optional` prefix keep their initial values when absent."""
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    keys = {".".join(map(str, p)) for p, _ in flat}
+    missing = sorted(k for k in keys - set(values) if not k.startswith(optional))
+    unexpected = sorted(set(values) - keys)
+    if missing or unexpected:
+        raise CheckpointError(f"{path!r} does not fit these heads: missing {missing[:6]}, unexpected {unexpected[:6]}.")
+    leaves = []
+    for p, var in flat:
+        key = ".".join(map(str, p))
+        if key not in values:
+            leaves.append((p, var))
+            continue
+        w = values[key]
+        if tuple(w.shape) != tuple(var.shape):
+            raise CheckpointError(f"{path!r}: {key} has shape {tuple(w.shape)}, the heads need {tuple(var.shape)}.")
+        leaves.append((p, var.replace(jnp.asarray(w, var.dtype))))
+    nnx.update(module, nnx.from_flat_state(leaves))
 
 
 def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:

@@ -1,15 +1,13 @@
-"""Training data through tensorflow-datasets (array_record: no TensorFlow needed).
+"""Training inputs through tensorflow-datasets, and the feature store built from them.
 
-Records are fixed-length token rows with a loss mask:  tokens [T] int32, mask [T] bool.
-* `data` mode packs the tokenized corpus into rows of T tokens (the data's own next tokens are the
-  targets; mask all True).
-* `self_distill` mode cuts prompts of P tokens from the corpus and appends the backbone's own greedy
-  continuation of T - P tokens (generated with the `ar` decoder); the mask covers the continuation,
-  so heads learn the backbone's greedy text.
-Corpora: `stdlib` (Python sources of the standard library: present on every machine; the HumanEval
-problems used for evaluation are never included), files / directories of .txt, .py, .md, .jsonl, or a
-tensorflow-datasets catalog dataset `tfds:NAME[:SPLIT[:FIELD]]` (where the network or a prepared
-data_dir allows; read through tfds.data_source, so without TensorFlow when it is array_record).
+Inputs are token records of four kinds (prompts.KINDS): packed corpus text ('corpus', teacher-forced)
+and self-distillation prompts ('code', 'chat_code', 'chat'). They are written once as a
+tensorflow-datasets dataset in array_record (readable without TensorFlow), one split per kind, each a
+prefix-stable list (a larger count only appends records). `build_store` then turns them into feature
+shards (clp_jax/train/feature_store.py): a trunk pass per corpus record, a recorded `ar` generation per
+prompt. Corpora: `stdlib` (the Python standard library's sources: on every machine; the HumanEval
+problems are never included), files / directories of .txt, .py, .md, .jsonl, or a tensorflow-datasets
+catalog dataset `tfds:NAME[:SPLIT[:FIELD]]` (where the network or a prepared data_dir allows).
 """
 
 from __future__ import annotations
@@ -18,40 +16,70 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from clp_jax.train import feature_store as fs
+from clp_jax.train import multihost, prompts as prompts_lib
+
+log = logging.getLogger(__name__)
+
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl", ".json", ".rst")
+MAX_RECORDS = 1_000_000  # per kind: a sanity bound (a 0.5B backbone's features are 1.8 KB per position)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """[data]: the corpus, how many records of each kind, and how the feature store is cut."""
+
     sources: tuple[str, ...] = ("stdlib",)
-    mode: str = "self_distill"  # or "data"
-    seq_len: int = 96  # T
-    prompt_len: int = 32  # P (self_distill)
-    max_records: int = 256
-    validation_fraction: float = 0.1
-    max_files: int = 400
+    max_files: int = 4000
+    seq_len: int = 384  # T of every record
+    corpus_records: int = 64  # teacher-forced records of seq_len corpus tokens
+    code_prompts: int = 32  # raw code completions (a documented function's signature + docstring)
+    chat_code_prompts: int = 32  # chat-template requests for code
+    chat_prompts: int = 32  # chat-template requests in prose
+    max_prompt_len: int = 192
+    new_tokens: int = 192  # greedy continuation per prompt
+    soft_topk: int = 8  # the backbone's top-K next-token distribution stored per target (0: none)
+    shard_records: int = 64
+    heldout_fraction: float = 0.05  # records never trained on (evaluation, calibration)
+    clp_fraction: float = 0.1  # self-distilled records the drafter never sees (the CLP's phase)
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in ("self_distill", "data"):
-            raise ValueError(f"data.mode must be 'self_distill' or 'data', got {self.mode!r}.")
-        if self.mode == "self_distill" and not 0 < self.prompt_len < self.seq_len:
-            raise ValueError(f"data.prompt_len ({self.prompt_len}) must be in (0, seq_len={self.seq_len}).")
-        for name in ("seq_len", "max_records", "max_files"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}.")
         if not self.sources:
             raise ValueError("data.sources is empty: name 'stdlib', files, directories or tfds:NAME.")
+        bounds = dict(max_files=(1, 1_000_000), seq_len=(16, 8192), corpus_records=(0, MAX_RECORDS),
+                      code_prompts=(0, MAX_RECORDS), chat_code_prompts=(0, MAX_RECORDS),
+                      chat_prompts=(0, MAX_RECORDS), max_prompt_len=(4, 8192), new_tokens=(1, 8192),
+                      soft_topk=(0, 64), shard_records=(1, 100_000), seed=(0, 2 ** 31 - 1))
+        for name, (lo, hi) in bounds.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"data.{name} must be in {lo}..{hi}, got {getattr(self, name)}.")
+        if self.max_prompt_len + self.new_tokens > self.seq_len:
+            raise ValueError(f"data.max_prompt_len ({self.max_prompt_len}) + data.new_tokens ({self.new_tokens}) "
+                             f"must fit data.seq_len ({self.seq_len}).")
+        if not self.counts():
+            raise ValueError("No records asked for: set data.corpus_records or data.*_prompts above 0.")
+        for name in ("heldout_fraction", "clp_fraction"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"data.{name} must be in [0, 0.5), got {getattr(self, name)}.")
 
+    def counts(self) -> dict[str, int]:
+        """Records asked for, per kind (kinds with 0 left out)."""
+        n = {"corpus": self.corpus_records, "code": self.code_prompts, "chat_code": self.chat_code_prompts,
+             "chat": self.chat_prompts}
+        return {k: v for k, v in n.items() if v}
+
+
+# ---------------------------------------------------------------------- corpus text
 
 def source_files(sources: Sequence[str], max_files: int, seed: int) -> list[str]:
     """Files (and `tfds:` catalog entries, kept as they are) of a corpus, in a seeded order."""
@@ -132,112 +160,121 @@ def packed_rows(tokens: Iterator[int], length: int, limit: int) -> Iterator[np.n
                 return
 
 
-def records(dc: DataConfig, tokenizer, generate: Callable[[list[list[int]]], list[list[int]]] | None,
-            pad_id: int, batch: int = 8, progress: bool = True) -> list[dict]:
-    """All records of a corpus; `generate(prompts) -> continuations` is needed for self_distill."""
+def input_records(dc: DataConfig, tokenizer) -> dict[str, list[np.ndarray]]:
+    """Token records per kind: corpus rows of seq_len tokens and self-distillation prompts."""
     files = source_files(dc.sources, dc.max_files, dc.seed)
-    if dc.mode == "data":
-        rows = list(packed_rows(token_stream(tokenizer, files), dc.seq_len, dc.max_records))
-        return [{"tokens": r, "mask": np.ones(dc.seq_len, bool)} for r in rows]
-    prompts = [r.tolist() for r in packed_rows(token_stream(tokenizer, files), dc.prompt_len, dc.max_records)]
-    out = []
-    for i in tqdm(range(0, len(prompts), batch), desc="self-distilling", unit="batch", disable=not progress):
-        chunk = prompts[i:i + batch]
-        for p, cont in zip(chunk, generate(chunk)):
-            tokens = np.full(dc.seq_len, pad_id, np.int32)
-            seq = (p + cont)[:dc.seq_len]
-            tokens[:len(seq)] = seq
-            mask = np.zeros(dc.seq_len, bool)
-            mask[dc.prompt_len - 1:len(seq)] = True  # the last prompt token predicts the first generated one
-            out.append({"tokens": tokens, "mask": mask})
+    counts = dc.counts()
+    out = {}
+    if counts.get("corpus"):
+        out["corpus"] = list(packed_rows(token_stream(tokenizer, files), dc.seq_len, counts["corpus"]))
+    asked = {k: v for k, v in counts.items() if k != "corpus"}
+    if asked:
+        found = prompts_lib.self_distill_prompts(tokenizer, files, asked, dc.max_prompt_len, dc.seed)
+        out.update({k: [np.asarray(p, np.int32) for p in v] for k, v in found.items()})
+    for kind, n in counts.items():
+        if len(out.get(kind, ())) < n:
+            log.warning("data: asked for %d %s records, the corpus gives %d.", n, kind, len(out.get(kind, ())))
     return out
 
 
-def dataset_name(dc: DataConfig, backbone_id: str) -> str:
-    ident = json.dumps([dataclasses.asdict(dc), backbone_id], sort_keys=True)
-    return "v" + hashlib.sha256(ident.encode()).hexdigest()[:12]
+# ---------------------------------------------------------------------- the inputs as a tfds dataset
+
+def inputs_name(dc: DataConfig, backbone_id: str) -> str:
+    keys = ("sources", "max_files", "seq_len", "max_prompt_len", "seed")
+    ident = json.dumps([{k: getattr(dc, k) for k in keys}, dc.counts(), backbone_id], sort_keys=True)
+    return "inputs-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 def _builder_class():
     import tensorflow_datasets as tfds  # heavy (several seconds): only when a dataset is built or read
 
-    class ClpTokenRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Token rows + loss masks, written as array_record (readable without TensorFlow)."""
+    class ClpInputs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Token records of each kind (one split per kind), padded to seq_len, as array_record."""
 
-        VERSION = tfds.core.Version("1.0.0")
+        VERSION = tfds.core.Version("2.0.0")
 
-        def __init__(self, *, rows: Callable[[], list[dict]] | None = None, seq_len: int, val_fraction: float,
-                     **kw):
-            self._rows, self._seq_len, self._val = rows, seq_len, val_fraction
+        def __init__(self, *, records=None, seq_len: int, **kw):
+            self._records, self._seq_len = records, seq_len
             super().__init__(**kw)
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
                 "tokens": tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32),
-                "mask": tfds.features.Tensor(shape=(self._seq_len,), dtype=np.bool_)}))
+                "length": tfds.features.Scalar(dtype=np.int32)}))
 
         def _split_generators(self, dl_manager):
-            rows = self._rows()
-            if not rows:
-                raise ValueError("The corpus produced no training rows; give more or longer text.")
-            n_val = max(1, int(len(rows) * self._val)) if len(rows) > 1 else 0
-            return {"train": self._emit(rows[n_val:], "train"), "validation": self._emit(rows[:n_val], "val")}
+            records = self._records()
+            return {kind: self._emit(kind, rows) for kind, rows in records.items() if len(rows)}
 
         def _generate_examples(self):  # splits come from _split_generators
             raise NotImplementedError
 
-        def _emit(self, rows, prefix):
+        def _emit(self, kind, rows):
             for i, r in enumerate(rows):
-                yield f"{prefix}-{i}", r
+                tokens = np.zeros(self._seq_len, np.int32)
+                tokens[:len(r)] = r
+                yield f"{kind}-{i}", {"tokens": tokens, "length": np.int32(len(r))}
 
-    return ClpTokenRows
+    return ClpInputs
 
 
-def build_dataset(dc: DataConfig, name: str, rows: Callable[[], list[dict]], data_dir: str):
-    """Builds (once) and opens the dataset; returns {'train': source, 'validation': source}.
-
-    Every process opens the whole splits and reads only the rows of the global batch it holds
-    (clp_jax.train.multihost): batches do not depend on the number of processes.
-    """
-
+def build_inputs(dc: DataConfig, tokenizer, backbone_id: str, data_dir: str) -> dict[str, list[list[int]]]:
+    """Builds (once per config and backbone) the inputs dataset and returns its records per kind."""
     cls = _builder_class()
-    builder = cls(rows=rows, seq_len=dc.seq_len, val_fraction=dc.validation_fraction,
-                  data_dir=os.path.join(data_dir, name), file_format="array_record")
+    builder = cls(records=lambda: input_records(dc, tokenizer), seq_len=dc.seq_len,
+                  data_dir=os.path.join(data_dir, inputs_name(dc, backbone_id)), file_format="array_record")
     builder.download_and_prepare()
-    out = {split: builder.as_data_source(split=split) for split in ("train", "validation")}
-    if len(out["train"]) == 0:
-        raise ValueError(f"Dataset {name} has an empty training split.")
+    out = {}
+    for kind in dc.counts():
+        if kind not in builder.info.splits:
+            out[kind] = []
+            continue
+        src = builder.as_data_source(split=kind)
+        out[kind] = [src[i]["tokens"][:int(src[i]["length"])].tolist() for i in range(len(src))]
     return out
 
 
-class Subset:
-    """Records [start, stop) of a data source, re-indexed from 0 (`offset` maps back)."""
+# ---------------------------------------------------------------------- the feature store
 
-    def __init__(self, source, start: int, stop: int):
-        self.source, self.offset, self.n = source, start, stop - start
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.source[self.offset + i]
-
-
-def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """Record indices of global step `step`: epochs are seeded permutations laid end to end, so a run
-    resumed at step s reads exactly what an uninterrupted run would have (nothing lost or repeated)."""
-    start = step * batch_size
-    idx = []
-    while len(idx) < batch_size:
-        epoch, offset = divmod(start + len(idx), n)
-        perm = np.random.RandomState([seed, epoch]).permutation(n)
-        idx.extend(perm[offset:offset + batch_size - len(idx)].tolist())
-    return np.asarray(idx)
-
-
-def get_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:
-    items = [source[int(i)] for i in indices]
-    return {"tokens": np.stack([it["tokens"] for it in items]).astype(np.int32),
-            "mask": np.stack([it["mask"] for it in items]).astype(bool)}
+def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: str, *, backbone,
+                make_generator, gen_batch_size: int, feature_batch_size: int, progress: bool = True) -> list[str]:
+    """Writes every missing shard of the plan (resumable: complete shards are kept; on several processes
+    each writes every P-th shard) and returns the plan's shard names in order. `make_generator()` gives
+    the recording `ar` decoder's generate function (built only when a self-distilled shard is missing)."""
+    os.makedirs(store_dir, exist_ok=True)
+    done = {d for d in os.listdir(store_dir) if os.path.exists(os.path.join(store_dir, d, fs.META))}
+    counts = {kind: len(rows) for kind, rows in inputs.items() if rows}
+    plan = fs.plan_shards(counts, dc.shard_records, sorted(done))
+    with open(os.path.join(store_dir, "plan.json.partial"), "w") as f:
+        json.dump({"counts": counts, "shards": [s.name for s in plan], "seq_len": dc.seq_len,
+                   "soft_topk": dc.soft_topk}, f, indent=1)
+    os.replace(os.path.join(store_dir, "plan.json.partial"), os.path.join(store_dir, "plan.json"))
+    mine = [s for i, s in enumerate(plan) if i % jax.process_count() == jax.process_index()]
+    todo = [s for s in mine if s.name not in done]
+    for s in sorted(done & {p.name for p in mine}):  # a resumed store must have been built from the same inputs
+        spec = next(p for p in mine if p.name == s)
+        with open(os.path.join(store_dir, s, fs.META)) as f:
+            meta = json.load(f)
+        if meta.get("inputs") != fs.input_digest(inputs[spec.kind][spec.start:spec.stop]):
+            raise ValueError(f"Feature shard {s} in {store_dir} was built from other inputs (another corpus, "
+                             "tokenizer or prompt set); use a new run.features_dir.")
+    generate = None
+    bar = tqdm(todo, desc="feature shards", unit="shard", disable=not progress)
+    for spec in bar:
+        rows = inputs[spec.kind][spec.start:spec.stop]
+        bar.set_postfix(shard=spec.name)
+        if spec.kind == "corpus":
+            tokens = np.zeros((len(rows), dc.seq_len), np.int32)
+            for i, r in enumerate(rows):
+                tokens[i, :len(r)] = r
+            arrays = fs.teacher_forced(backbone, tokens, np.array([len(r) for r in rows], np.int32),
+                                       batch_size=feature_batch_size, topk=dc.soft_topk)
+        else:
+            generate = generate or make_generator()
+            arrays = fs.self_distilled(generate, rows, dc.seq_len, batch_size=gen_batch_size, topk=dc.soft_topk)
+        fs.write_shard(os.path.join(store_dir, spec.name), arrays,
+                       {"kind": spec.kind, "start": spec.start, "stop": spec.stop, "soft_topk": dc.soft_topk,
+                        "inputs": fs.input_digest(rows)})
+        log.info("feature shard %s: %d targets", spec.name, int((arrays["labels"] >= 0).sum()))
+    multihost.barrier(f"clp_jax feature store {store_dir}")
+    return [s.name for s in plan]

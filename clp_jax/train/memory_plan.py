@@ -7,7 +7,7 @@ The frozen backbone and the heads are built with `nnx.eval_shape`, sharded by th
 as training, the optimizer state comes from `jax.eval_shape` of the real optimizer's `init`, placed as the
 Trainer places it, and each
 leaf is counted by its shard shape on the mesh. The activation figure is an estimate of the largest
-term, the vocabulary logits of every scored head (kept for the backward pass).
+term, the logits over the drafters' vocabulary of every draft position (kept for the backward pass).
 """
 
 from __future__ import annotations
@@ -45,18 +45,18 @@ def plan(cfg: Config, devices=None) -> dict:
     mesh = (cfg.mesh or TrainMeshConfig()).make(devices)
 
     backbone = nnx.state(abstract_model(mcfg), nnx.Param)
-    hc = cfg.heads_config(mcfg.hidden_size, mcfg.vocab_size)
+    hc = cfg.heads_config(mcfg)
     heads = nnx.state(nnx.eval_shape(lambda: Heads(hc, rngs=nnx.Rngs(0))), nnx.Param)
     sharding.check_divisible(backbone, mesh)
     sharding.check_divisible(heads, mesh)
     check_batch_sizes(rc, mesh)
     heads_sh = sharding.state_shardings(heads, mesh)
-    opt = jax.eval_shape(make_optimizer(cfg.train).init, heads)
+    opt = jax.eval_shape(make_optimizer(cfg.train.learning_rate, rc.steps, cfg.train).init, heads)
     opt_sh = sharding.like_params(opt, heads, heads_sh)  # as the Trainer places Adam's moments
 
-    scored = hc.k * (2 if hc.gate else 1)  # MTP heads (+ gate heads), one [B, P, V] logits each
-    positions = rc.positions_per_row or cfg.data.seq_len
-    vocab = mcfg.vocab_size if rc.vocab == "full" else rc.vocab_size
+    scored = hc.k * (2 if hc.gate else 1)  # draft positions (+ gate heads), one [B, W, U] logits each
+    positions = min(rc.window, cfg.data.seq_len)
+    vocab = rc.vocab_size or mcfg.vocab_size
     vocab_local = vocab // mesh.shape["model"] if sharding.RULES["vocab"] == "model" else vocab
     logits = (rc.batch_size // mesh.shape["data"]) * positions * vocab_local * 4 * scored * 2  # fwd + bwd
     out = {"mesh": dict(mesh.shape), "backbone": _bytes_per_device(backbone, sharding.state_shardings(backbone, mesh)),

@@ -1,34 +1,26 @@
-"""Multi-host (multi-process) training: start-up, which rows each process loads, and caches built once.
+"""Multi-host (multi-process) training: start-up, which rows each process loads, and work done once.
 
-One global batch, whatever the number of processes. The rows of step s are
-`data.batch_indices(N, s, batch_size, seed)` over the WHOLE dataset (every process opens every record:
-array_record is random access, so a process reads only the rows it needs). Each process loads the
-hidden states of the rows its own devices hold (`process_rows`) and `jax.make_array_from_process_local_data`
-joins them. So a run on P processes trains on exactly the batches of a single-process run with the same
-global batch size, and a checkpoint resumes on any number of processes. (Opening only the process's
-shard with `tfds.split_for_jax_process` and drawing local batches from it, as before, made the result
-depend on the process count and gave each process another corpus vocabulary.)
+One global batch, whatever the number of processes. The windows of step s are a function of s alone
+(loop.WindowSampler) over the WHOLE feature store (every process opens every shard: they are memory-
+mapped, so a process reads only the rows it needs). Each process loads the rows its own devices hold
+(`process_rows`) and `jax.make_array_from_process_local_data` joins them. So a run on P processes trains
+on exactly the batches of a single-process run with the same global batch size, and a checkpoint
+resumes on any number of processes.
 
-Caches (converted backbone, self-distilled dataset, backbone hidden states) are built once per shared
-directory, not once per process. `shared_directory` first finds out whether all processes see the same
-cache directory (process 0 writes a probe file named by a random token it broadcasts; the others look):
-* shared (one machine, or `CLP_JAX_CACHE` on a shared file system): process 0 converts the backbone
-  and self-distils the dataset while the others wait at a barrier (`sync_global_devices`), then they
-  open what it wrote. The hidden-state table is split: each process computes 1/P of the rows in
-  parallel, process 0 joins the parts into the one `.npy` a single-process run writes, and all open it.
-  Self-distillation is not split the same way because generation is a small part of the records'
-  cost on a pod and the tfds builder writes one dataset from one stream of rows; the hidden states
-  are the expensive part (a backbone pass over every token) and they split evenly.
+Work done once per shared directory, not once per process. `shared_directory` first finds out whether
+all processes see the same cache directory (process 0 writes a probe file named by a random token it
+broadcasts; the others look):
+* shared (one machine, or `CLP_JAX_CACHE` and run.features_dir on a shared file system): process 0
+  converts the backbone and writes the inputs dataset while the others wait at a barrier, then they open
+  what it wrote. The feature store, the expensive part (a backbone pass or a generation per record), is
+  split: process p writes every P-th shard of the plan, and all read the whole store after a barrier.
 * not shared (each pod host has its own disk): every process builds its own copy, as a single host
-  would. The builds are deterministic (greedy decoding, fixed seeds), so the copies agree. Sending
-  process 0's files over the collectives instead would move gigabytes of hidden states through device
-  memory; pointing `CLP_JAX_CACHE` at a shared disk is the cheaper way to build once.
+  would; the builds are deterministic (greedy decoding, fixed seeds), so the copies agree.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Callable, TypeVar
 
 import jax
@@ -110,33 +102,3 @@ def once(name: str, build: Callable[[], T], shared: bool) -> T:
     if not is_writer():
         out = build()
     return out
-
-
-def cached_hidden_fn(model, source, path: str, shared: bool, progress: bool = True):
-    """features.cached_hidden_fn over the whole source; on several processes sharing `path`'s directory
-    each computes 1/P of the rows and process 0 joins them into the same `path` (see the module doc)."""
-    from clp_jax.train import data as data_lib
-    from clp_jax.train import features
-
-    n, count, me = len(source), jax.process_count(), jax.process_index()
-    if count == 1 or not shared or os.path.exists(path):  # shared: every process sees the same answer
-        return features.cached_hidden_fn(model, source, progress=progress, path=path)
-    bounds = [n * p // count for p in range(count + 1)]
-    parts = [f"{path}.part{p}of{count}.npy" for p in range(count)]
-    features.cached_hidden_fn(model, data_lib.Subset(source, bounds[me], bounds[me + 1]), progress=progress,
-                          path=parts[me])
-    barrier(f"clp_jax hidden parts {path}")
-    if is_writer():
-        tables = [np.load(p, mmap_mode="r") for p in parts]
-        tmp = path + ".joining.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=tables[0].dtype, shape=(n,) + tables[0].shape[1:])
-        for p, table in enumerate(tables):
-            out[bounds[p]:bounds[p + 1]] = table
-        out.flush()
-        del out
-        os.replace(tmp, path)
-        for p in parts:
-            os.remove(p)
-        print(f"hidden states of {n} records computed by {count} processes: {path}", file=sys.stderr)
-    barrier(f"clp_jax hidden joined {path}")
-    return features.cached_hidden_fn(None, source, progress=False, path=path)

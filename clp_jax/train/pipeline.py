@@ -1,152 +1,207 @@
-"""The end-to-end training run: backbone, dataset, two training phases, evaluation, saved heads.
+"""The one training run: backbone, inputs, feature store, drafter phase, CLP phase, evaluation, heads.
 
-Phase 1 ('joint') trains the heads, the CLP and the gate on most records; phase 2 ('clp', when
-run.clp_steps > 0) trains only the CLP and the gate MLP on records the heads never saw, with labels
-scored over the full vocabulary. Each phase checkpoints into its own directory, so a run killed at
-any moment resumes where it stopped.
+1. features: the inputs (tensorflow-datasets) become feature shards (clp_jax/train/feature_store.py);
+   resumable, split across processes.
+2. drafter: the drafter of `heads.kind` (and the gate baseline, if asked for) on the 'train' records,
+   with its objective (clp_jax/train/objectives.py); Orbax checkpoints, exact resume.
+3. clp: the CLP on the 'clp' records, which the drafter never saw, with labels from its own chain.
+4. evaluation on the 'heldout' records, per kind and draft position; confidence calibration; heads/.
+
+Splits are a fixed function of each record's id (feature_store.split_of), written to splits.json: a
+grown store only adds records to each split. Each phase checkpoints into its own directory, so a run
+killed at any moment, or stopped by its time budget, continues where it stopped when run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 from clp_jax.decode.loop import DecodeConfig, Decoder
 from clp_jax.drafting import checkpoint
 from clp_jax.drafting.heads import Heads, HeadsConfig, param_summary
 from clp_jax.model.config import ModelConfig
+from clp_jax.train import calibration, multihost
 from clp_jax.train import data as data_lib
+from clp_jax.train import feature_store as fs
 from clp_jax.train.checkpoints import TrainCheckpoints
-from clp_jax.train import multihost
-from clp_jax.train.features import corpus_vocabulary
-from clp_jax.train.loop import evaluate, fit
+from clp_jax.train.loop import WindowSampler, evaluate, fit
 from clp_jax.train.plots import plot_curves
+from clp_jax.train.prompts import KINDS
 from clp_jax.train.run_config import Config, check_batch_sizes
-from clp_jax.train.step import TrainConfig, Trainer
+from clp_jax.train.step import Trainer
 from clp_jax.weights.assets import cache_dir
 from clp_jax.weights.loading import load_backbone
 
 log = logging.getLogger(__name__)
 
 
-def run_meta(heads_cfg: HeadsConfig, backbone_cfg: ModelConfig, data: dict | None = None,
-             train: TrainConfig | None = None) -> dict:
-    """What a resumed run must share with its checkpoint: heads, backbone, data order and optimisation."""
-    meta = {"heads_config": json.loads(heads_cfg.to_json()), "backbone": checkpoint.backbone_fingerprint(backbone_cfg)}
-    if data is not None:
-        meta["data"] = data
-    if train is not None:
-        meta["train"] = dataclasses.asdict(train)
-    return meta
+def run_meta(heads_cfg: HeadsConfig, backbone_cfg: ModelConfig, data: dict, train) -> dict:
+    """What a resumed phase must share with its checkpoint: heads, backbone, data order and optimisation."""
+    return {"heads_config": json.loads(heads_cfg.to_json()), "backbone": checkpoint.backbone_fingerprint(backbone_cfg),
+            "data": data, "train": dataclasses.asdict(train)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One training phase: its optimisation, its records and where it keeps checkpoints and metrics."""
-
-    name: str  # "joint" or "clp"
-    train: TrainConfig
-    source: object  # a data source (data.Subset of the training split)
-    steps: int
-    positions_per_row: int
-    vocab: object  # scored ids, or None for the full vocabulary
-    meta: dict
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
-def train_phase(backbone, heads: Heads, phase: Phase, cfg: Config, mesh, hidden_fn, out_dir: str,
-                progress: bool) -> tuple[Trainer, list[dict]]:
-    """Trains `heads` through one phase, resuming from (and saving to) the phase's checkpoints."""
+def splits(store: fs.FeatureStore, cfg: Config, out_dir: str) -> dict[str, np.ndarray]:
+    """Record indices per split ('train', 'clp', 'heldout'); CLP records are self-distilled ones only
+    (corpus records of that split train the drafter). Written to out_dir/splits.json."""
+    dc = cfg.data
+    names = np.array([fs.split_of(r, dc.heldout_fraction, dc.clp_fraction) for r in store.record_ids])
+    corpus = store.kinds == KINDS.index("corpus")
+    out = {"heldout": np.flatnonzero(names == "heldout"), "clp": np.flatnonzero((names == "clp") & ~corpus),
+           "train": np.flatnonzero((names == "train") | ((names == "clp") & corpus))}
+    if multihost.is_writer():
+        with open(os.path.join(out_dir, "splits.json"), "w") as f:
+            json.dump({k: [store.record_ids[i] for i in v] for k, v in out.items() if k != "train"}
+                      | {"counts": {k: int(len(v)) for k, v in out.items()},
+                         "positions": {k: store.positions(v) for k, v in out.items()}}, f)
+    return out
+
+
+def draft_vocabulary(store: fs.FeatureStore, records: np.ndarray, size: int, vocab_size: int, eos, path: str):
+    """The drafters' vocabulary, fixed at the run's first start (kept in `path`)."""
+    if os.path.exists(path):
+        return np.load(path)
+    vocab = (np.arange(vocab_size, dtype=np.int32) if not size
+             else fs.label_vocabulary(store.labels[records], size, always=[e for e in eos if e < vocab_size]))
+    if multihost.is_writer():
+        np.save(path, vocab)
+    return vocab
+
+
+def init_heads(hc: HeadsConfig, backbone, vocab, init_from: str, seed: int) -> Heads:
+    """Fresh heads (the draft layer copies the backbone's last block), or warm-started from a checkpoint."""
+    heads = Heads(hc, rngs=nnx.Rngs(seed), draft_vocab=vocab)
+    if hc.kind == "draft_layer":
+        heads.drafter.init_from_backbone(backbone)
+    if init_from:
+        old = checkpoint.load_heads(init_from, backbone.cfg)
+        if old.cfg.kind != hc.kind or old.cfg.k != hc.k:
+            raise checkpoint.CheckpointError(f"run.init_from {init_from!r} holds {old.cfg.kind} heads with k="
+                                             f"{old.cfg.k}; this run trains {hc.kind} with k={hc.k}.")
+        for part in ("drafter", "clp"):
+            state = jax.tree.map(lambda x, y: x.astype(y.dtype), nnx.state(getattr(old, part), nnx.Param),
+                                 nnx.state(getattr(heads, part), nnx.Param))
+            nnx.update(getattr(heads, part), state)
+        log.info("warm start of the drafter and the CLP from %s", init_from)
+    return heads
+
+
+def train_phase(name: str, backbone, heads: Heads, cfg: Config, mesh, store, records, vocab, out_dir: str,
+                ckpt_dir: str, meta: dict, steps: int, batch_size: int, progress: bool):
+    """One phase through the one loop; returns the trainer (holding the trained heads) and its history."""
     rc = cfg.run
-    suffix = "" if phase.name == "joint" else f"_{phase.name}"
-    trainer = Trainer(backbone.model, heads, phase.train, mesh, vocab=phase.vocab)
-    offset = getattr(phase.source, "offset", 0)
-    with TrainCheckpoints(os.path.join(rc.checkpoint_dir or out_dir, f"checkpoints{suffix}"), rc.save_every,
-                          rc.keep) as ckpts:
-        writer = multihost.is_writer()  # the one process that writes metrics
-        history = fit(trainer, phase.source, steps=phase.steps, batch_size=rc.batch_size,  # global batch
-                      seed=rc.seed, hidden_fn=lambda idx, b: hidden_fn(idx + offset, b), ckpts=ckpts,
-                      meta=phase.meta, progress=progress,
-                      log_path=os.path.join(out_dir, f"metrics{suffix}.jsonl") if writer else None,
-                      positions_per_row=phase.positions_per_row,
-                      tensorboard_dir=os.path.join(out_dir, f"tensorboard{suffix}") if writer else None)
+    trainer = Trainer(backbone.model, heads, name, cfg.train, vocab, steps, mesh)
+    sampler = WindowSampler(store, records, batch_size, rc.window, rc.seed, soft=trainer.needs_soft)
+    writer = multihost.is_writer()
+    with TrainCheckpoints(ckpt_dir, rc.save_every, rc.keep) as ckpts:
+        history = fit(trainer, sampler, steps=steps, batch_size=batch_size, ckpts=ckpts, meta=meta,
+                      budget_seconds=rc.time_budget_minutes * 60, progress=progress,
+                      log_path=os.path.join(out_dir, f"metrics_{name}.jsonl") if writer else None,
+                      tensorboard_dir=os.path.join(out_dir, "tensorboard", name) if writer else None)
     return trainer, history
 
 
+def heldout_by_kind(store, records: np.ndarray, limit: int) -> dict[str, np.ndarray]:
+    return {kind: records[store.kinds[records] == i][:limit] for i, kind in enumerate(KINDS)
+            if np.any(store.kinds[records] == i)}
+
+
 def run(cfg: Config, progress: bool = True) -> dict:
-    """Loads the backbone, builds the data, trains, evaluates and saves heads; returns the evaluation."""
+    """The whole run (see the module docstring); returns the evaluation written to eval.json."""
     rc, dc = cfg.run, cfg.data
     mesh = cfg.mesh.make() if cfg.mesh is not None else None
     check_batch_sizes(rc, mesh)
-    # caches (converted weights, dataset, hidden states) built by process 0 alone on a shared disk
     shared = multihost.shared_directory(cache_dir())
     backbone = multihost.once("backbone", lambda: load_backbone(cfg.model.name, dtype=cfg.model.dtype,
                                                                 progress=progress), shared)
-    hc = cfg.heads_config(backbone.cfg.hidden_size, backbone.cfg.vocab_size)
-    heads = Heads(hc, rngs=nnx.Rngs(rc.seed))
-    log.info("parameters: %s", param_summary(heads))
     out_dir = rc.out_dir
     os.makedirs(out_dir, exist_ok=True)
+    timings = {}
 
-    generate = None
-    if dc.mode == "self_distill":  # the backbone's own greedy continuations are the targets
-        generator = Decoder(backbone.model, None, DecodeConfig(mode="ar", max_new_tokens=dc.seq_len - dc.prompt_len),
-                            backbone.eos_token_ids)
-        generate = lambda prompts: generator.generate(prompts).tokens  # noqa: E731
-    pad = backbone.tokenizer.pad_token_id or 0
-    name = data_lib.dataset_name(dc, backbone.source)
-    def rows():  # process 0 alone calls it when the cache directory is shared
-        log.info("process %d: self-distilling dataset %s", jax.process_index(), name)
-        return data_lib.records(dc, backbone.tokenizer, generate, pad, batch=rc.gen_batch_size, progress=progress)
-
-    ds = multihost.once("dataset", lambda: data_lib.build_dataset(dc, name, rows, cache_dir("datasets")), shared)
-    train_src, val_src = ds["train"], ds["validation"]
-    vocab = None
-    if rc.vocab == "corpus":
-        vocab = corpus_vocabulary(dc, backbone.tokenizer, backbone.eos_token_ids, train_src, rc.vocab_size)
-        log.info("scoring %d of %d tokens during training", vocab.size, backbone.cfg.vocab_size)
-    hidden_dir = os.path.join(cache_dir("datasets"), name, "hidden")
-    os.makedirs(hidden_dir, exist_ok=True)
-    hidden_train, hidden_val = (
-        multihost.cached_hidden_fn(backbone.model, src, progress=progress, shared=shared,
-                                   path=os.path.join(hidden_dir, f"{split}-{backbone.cfg.dtype}.npy"))
-        for split, src in (("train", train_src), ("validation", val_src)))
-    data_meta = {"dataset": name, "batch_size": rc.batch_size, "seed": rc.seed, "vocab": rc.vocab,
-                 "vocab_size": rc.vocab_size, "positions_per_row": rc.positions_per_row,
-                 "clp_fraction": rc.clp_fraction if rc.clp_steps else 0}
-    # Phase 2 (clp_steps > 0) trains the CLP on records the heads never saw, with full-vocabulary labels
-    n_clp = int(len(train_src) * rc.clp_fraction) if rc.clp_steps else 0
-    tc_clp = dataclasses.replace(cfg.train, phase="clp", learning_rate=rc.clp_learning_rate)
-    phases = [Phase("joint", cfg.train, data_lib.Subset(train_src, 0, len(train_src) - n_clp), rc.steps,
-                    rc.positions_per_row, vocab, run_meta(hc, backbone.cfg, data_meta, cfg.train))]
-    if n_clp:
-        phases.append(Phase("clp", tc_clp, data_lib.Subset(train_src, len(train_src) - n_clp, len(train_src)),
-                            rc.clp_steps, rc.clp_positions_per_row, None,  # full vocabulary: honest L*
-                            run_meta(hc, backbone.cfg, {**data_meta, "positions_per_row": rc.clp_positions_per_row},
-                                     tc_clp)))
+    # 1. features
     t0 = time.perf_counter()
-    history = []
-    for phase in phases:
-        trainer, done = train_phase(backbone, heads, phase, cfg, mesh, hidden_train, out_dir, progress)
+    inputs = multihost.once("inputs", lambda: data_lib.build_inputs(dc, backbone.tokenizer, backbone.source,
+                                                                    cache_dir("datasets")), shared)
+
+    def make_generator():
+        dec = Decoder(backbone.model, None, DecodeConfig(mode="ar", max_new_tokens=dc.new_tokens, record_hidden=True,
+                                                         record_topk=dc.soft_topk), backbone.eos_token_ids)
+        return dec.generate
+
+    plan = data_lib.build_store(dc, inputs, rc.store_dir, backbone=backbone.model, make_generator=make_generator,
+                                gen_batch_size=rc.gen_batch_size, feature_batch_size=rc.feature_batch_size,
+                                progress=progress)
+    timings["features"] = time.perf_counter() - t0
+    store = fs.FeatureStore(rc.store_dir, plan)
+    parts = splits(store, cfg, out_dir)
+    log.info("feature store: %d records, %d targets (%s)", len(store), store.positions(),
+             ", ".join(f"{k} {len(v)} records / {store.positions(v)} targets" for k, v in parts.items()))
+    if rc.stop_after == "features":
+        return {"features": {k: store.positions(v) for k, v in parts.items()}, "seconds": timings}
+
+    # 2. drafter
+    hc = cfg.heads_config(backbone.cfg)
+    vocab = draft_vocabulary(store, parts["train"], rc.vocab_size, backbone.cfg.vocab_size, backbone.eos_token_ids,
+                             os.path.join(out_dir, "draft_vocab.npy"))
+    heads = init_heads(hc, backbone.model, vocab, rc.init_from, rc.seed)
+    log.info("parameters: %s; drafting from %d tokens", param_summary(heads), len(vocab))
+    data_meta = {"store": _digest(np.asarray(plan)), "train": _digest(parts["train"]), "vocab": _digest(vocab),
+                 "batch_size": rc.batch_size, "window": rc.window, "seed": rc.seed, "init_from": rc.init_from}
+    ckpt_root = rc.checkpoint_dir or out_dir
+    t0 = time.perf_counter()
+    trainer, history = train_phase("drafter", backbone, heads, cfg, mesh, store, parts["train"], vocab, out_dir,
+                                   os.path.join(ckpt_root, "checkpoints"), run_meta(hc, backbone.cfg, data_meta, cfg.train),
+                                   rc.steps, rc.batch_size, progress)
+    timings["drafter"] = time.perf_counter() - t0
+    heads, drafter_step = trainer.heads(), trainer.step_count
+    held = heldout_by_kind(store, parts["heldout"], rc.eval_records)
+    result = {"drafter": {kind: evaluate(trainer, store, recs, rc.eval_batch_size) for kind, recs in held.items()},
+              "drafter_steps": drafter_step, "positions_seen": drafter_step * rc.batch_size * min(rc.window, dc.seq_len),
+              "train_positions": store.positions(parts["train"]),
+              "train_positions_by_kind": {kind: store.positions(parts["train"][store.kinds[parts["train"]] == i])
+                                          for i, kind in enumerate(KINDS)}}
+    log.info("held-out agreement per draft position: %s",
+             {k: v["agreement"] for k, v in result["drafter"].items()})
+
+    # 3. CLP (labels from the trained drafter's chain, on records it never saw)
+    if rc.stop_after != "drafter" and rc.clp_steps and len(parts["clp"]):
+        t0 = time.perf_counter()
+        clp_meta = run_meta(hc, backbone.cfg, {**data_meta, "drafter_step": drafter_step,
+                                               "clp": _digest(parts["clp"]), "batch_size": rc.clp_batch_size}, cfg.train)
+        trainer, _ = train_phase("clp", backbone, heads, cfg, mesh, store, parts["clp"], vocab, out_dir,
+                                 os.path.join(ckpt_root, f"checkpoints_clp_after_{drafter_step}"), clp_meta,
+                                 rc.clp_steps, rc.clp_batch_size, progress)
         heads = trainer.heads()
-        history += done
-    seconds = time.perf_counter() - t0
-    result = evaluate(trainer, val_src, batch_size=rc.eval_batch_size, hidden_fn=hidden_val,
-                      progress=progress)
-    result.update(train_seconds=seconds, steps_run=len(history),
-                  train_tokens_per_second=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
-                  records_train=len(train_src), records_validation=len(val_src))
-    final = trainer.heads()
-    if vocab is not None:  # the heads learnt to score these ids only: decoding drafts from them
-        final = final.with_draft_vocab(vocab)
-    checkpoint.save_heads(os.path.join(out_dir, "heads"), final, backbone.cfg, {"eval": result})  # collective
+        result["clp"] = {kind: evaluate(trainer, store, recs, rc.eval_batch_size) for kind, recs in held.items()
+                         if kind != "corpus"}
+        timings["clp"] = time.perf_counter() - t0
+
+    # 4. calibration of the drafts' confidences on held-out records; the heads
+    distilled = parts["heldout"][store.kinds[parts["heldout"]] != KINDS.index("corpus")]
+    cal = calibration.fit(heads, backbone.model, store, distilled if len(distilled) else parts["heldout"])
+    heads = heads.with_calibration(cal["temperature"])
+    result["calibration"] = cal
+    result["seconds"] = timings
+    checkpoint.save_heads(os.path.join(out_dir, "heads"), heads, backbone.cfg, {"eval": result})  # collective
     if multihost.is_writer():
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=1)
-        plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
+        if history or os.path.exists(os.path.join(out_dir, "metrics_drafter.jsonl")):
+            plot_curves(os.path.join(out_dir, "metrics_drafter.jsonl"), os.path.join(out_dir, "curves.png"))
     return result

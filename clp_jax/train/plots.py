@@ -26,9 +26,9 @@ def plot_curves(metrics_path: str, png_path: str) -> bool:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(steps, [r["loss"] for r in rows])
     a.set(xlabel="step", ylabel="loss", title="training loss")
-    for key in sorted(k for k in rows[0] if k.endswith("_acc")):
-        b.plot(steps, [r[key] for r in rows], label=key)
-    b.set(xlabel="step", ylabel="agreement", title="per-head agreement (train batches)")
+    for j in range(len(rows[0].get("agreement", []))):
+        b.plot(steps, [r["agreement"][j] for r in rows], label=f"draft {j + 1}")
+    b.set(xlabel="step", ylabel="agreement", title="per-draft agreement with the backbone (train batches)")
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

@@ -58,6 +58,22 @@ TOPICS = (
     "code review", "how caching speeds up software", "the difference between SQL and NoSQL databases",
     "object-oriented programming", "functional programming", "how HTTP works", "what a linked list is",
     "sorting algorithms", "hash functions", "how operating systems schedule tasks", "open source software",
+    "the Industrial Revolution", "the history of medicine", "how the brain stores memories", "dinosaurs",
+    "how plants grow from seeds", "the history of football", "how a bank loan works", "mindfulness",
+    "the water on Mars", "how satellites stay in orbit", "the history of the alphabet", "electricity at home",
+    "how a piano makes sound", "the life of an astronaut", "a day in the life of a nurse", "teamwork",
+    "how to give constructive feedback", "negotiating a salary", "writing a resume", "planning a road trip",
+    "packing for a camping trip", "how to make a budget spreadsheet", "learning to swim", "the benefits of reading",
+    "a haunted lighthouse", "a talking tree in a city park", "an inventor who builds a flying bicycle",
+    "a dog who finds its way home", "the last day of summer", "a message from the future",
+    "how thunderstorms form", "how snowflakes form", "the human skeleton", "how eyes see colour",
+    "how memory in a computer works", "what a file system does", "how encryption keeps messages private",
+    "what DNS is", "how email is delivered", "what containers are in software", "continuous integration",
+    "how to write clean code", "technical debt", "pair programming", "how to name variables well",
+    "why software has bugs", "how search engines rank pages", "what an algorithm is", "how video games are made",
+    "the history of computers", "quantum computing", "how a smartphone battery works", "social media and privacy",
+    "how to learn mathematics", "fractions", "prime numbers", "probability in everyday life", "statistics",
+    "the Pythagorean theorem", "how to read a scientific paper", "critical thinking", "how to take good notes",
 )
 TASKS = (
     "Explain {t} in a short paragraph.", "Write a short story about {t}.", "Give three practical tips about {t}.",
@@ -69,6 +85,10 @@ TASKS = (
     "Give a step-by-step explanation of {t}.", "Write a haiku about {t}.",
     "What are the pros and cons of {t}?", "Write a tweet about {t}.",
     "Explain {t} in three bullet points.", "Tell me an interesting fact about {t} and explain it.",
+    "Write an outline for a short presentation on {t}.", "Explain {t} using a simple analogy.",
+    "What questions would a curious student ask about {t}? Answer two of them.",
+    "Write a limerick about {t}.", "Give a one-paragraph history of {t}.", "Explain why {t} matters.",
+    "Write a short FAQ about {t}.", "Describe {t} in the style of a news report.",
 )
 CODE_TASKS = (
     "Write a Python function `{name}` that does the following: {doc}",
@@ -78,8 +98,8 @@ CODE_TASKS = (
 
 
 def documented_functions(files: Sequence[str], seed: int) -> list[tuple[str, str, str]]:
-    """(name, source up to the end of its docstring, first docstring line) of the top-level documented
-    public functions of the corpus's Python files, in a seeded order."""
+    """(name, source up to the end of its docstring, first docstring line) of the documented public
+    functions and methods of the corpus's Python files, in a seeded order."""
     out = []
     for path in files:
         if not path.endswith(".py"):
@@ -91,14 +111,14 @@ def documented_functions(files: Sequence[str], seed: int) -> list[tuple[str, str
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
         lines = src.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.col_offset != 0:
+        for node in ast.walk(tree):  # functions and methods (a method's prompt keeps its indentation)
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
-            if not doc or len(doc) < 30 or not node.body:
+            if not doc or len(doc) < 20 or not node.body:
                 continue
             text = "\n".join(lines[node.lineno - 1:node.body[0].end_lineno]) + "\n"
-            if len(text) <= 1500:
+            if len(text) <= 3000:
                 out.append((node.name, text, doc.strip().splitlines()[0]))
     out = sorted(set(out))
     return [out[i] for i in np.random.RandomState(seed).permutation(len(out))]

@@ -19,7 +19,7 @@ from clp_jax.drafting.heads import HeadsConfig
 from clp_jax.model.config import parse_dtype
 from clp_jax.model.sharding import MeshConfig
 from clp_jax.train.data import DataConfig
-from clp_jax.train.step import TrainConfig
+from clp_jax.train.objectives import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -59,39 +59,49 @@ class TrainMeshConfig(MeshConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """[run]: what the end-to-end run does around the training step."""
+    """[run]: the phases around the training step (features, drafter, CLP, evaluation, saved heads)."""
 
     out_dir: str = "runs/demo"
-    steps: int = 200  # phase 1 (heads, CLP and gate jointly)
-    batch_size: int = 8  # global, over all processes
-    positions_per_row: int = 16  # scored positions per row (0: all)
-    vocab: str = "corpus"  # "corpus": score a sub-vocabulary in training; "full": all ids
-    vocab_size: int = 16384
+    features_dir: str = ""  # the feature store (default: out_dir/features); runs may share one
+    steps: int = 200  # drafter phase
+    batch_size: int = 8  # windows per step, global over all processes
+    window: int = 256  # positions per window (<= data.seq_len)
+    vocab_size: int = 8192  # the drafters' vocabulary: the most frequent backbone labels (0: all tokens)
+    clp_steps: int = 100  # CLP phase (0: keep the CLP untrained)
+    clp_batch_size: int = 8
     seed: int = 0
     save_every: int = 50
     keep: int = 3
-    gen_batch_size: int = 8
+    gen_batch_size: int = 32  # prompts decoded at once while self-distilling
+    feature_batch_size: int = 8  # corpus records per trunk pass
     eval_batch_size: int = 8
-    clp_fraction: float = 0.25  # records kept apart for phase 2
-    clp_steps: int = 0  # phase 2 (the CLP and gate MLP alone); 0: no phase 2
-    clp_positions_per_row: int = 4
-    clp_learning_rate: float = 3e-3
+    eval_records: int = 256  # held-out records evaluated per kind (at most)
+    time_budget_minutes: float = 0.0  # per training phase; 0: none (a later run continues where it stopped)
+    init_from: str = ""  # a heads checkpoint to warm-start the drafter (and CLP) from
+    stop_after: str = ""  # "features" or "drafter": end the run after that phase
     checkpoint_dir: str = ""  # Orbax training checkpoints, e.g. gs://bucket/run (default: out_dir)
 
     def __post_init__(self):
-        at_least = dict(steps=1, batch_size=1, positions_per_row=0, vocab_size=1, seed=0, save_every=1, keep=1,
-                        gen_batch_size=1, eval_batch_size=1, clp_steps=0, clp_positions_per_row=0)
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ConfigError(f"run.{name} must be >= {low}, got {getattr(self, name)}.")
+        bounds = dict(steps=(1, 10_000_000), batch_size=(1, 65536), window=(8, 8192), vocab_size=(0, 1_000_000),
+                      clp_steps=(0, 10_000_000), clp_batch_size=(1, 65536), seed=(0, 2 ** 31 - 1),
+                      save_every=(1, 10_000_000), keep=(1, 1000), gen_batch_size=(1, 4096),
+                      feature_batch_size=(1, 4096), eval_batch_size=(1, 65536), eval_records=(1, 10_000_000))
+        for name, (lo, hi) in bounds.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ConfigError(f"run.{name} must be in {lo}..{hi}, got {getattr(self, name)}.")
         if not self.out_dir:
             raise ConfigError("run.out_dir is empty: name a directory for the run's outputs.")
-        if self.vocab not in ("corpus", "full"):
-            raise ConfigError(f"run.vocab must be 'corpus' or 'full', got {self.vocab!r}.")
-        if not 0.0 <= self.clp_fraction < 1.0:
-            raise ConfigError(f"run.clp_fraction must be in [0, 1), got {self.clp_fraction}.")
-        if not self.clp_learning_rate > 0:
-            raise ConfigError(f"run.clp_learning_rate must be > 0, got {self.clp_learning_rate}.")
+        if self.time_budget_minutes < 0:
+            raise ConfigError(f"run.time_budget_minutes must be >= 0, got {self.time_budget_minutes}.")
+        if self.stop_after not in ("", "features", "drafter"):
+            raise ConfigError(f"run.stop_after must be '', 'features' or 'drafter', got {self.stop_after!r}.")
+        if self.init_from and not os.path.isdir(os.path.expanduser(self.init_from)):
+            raise ConfigError(f"run.init_from = {self.init_from!r} is not a directory; give a heads checkpoint "
+                              "(a run's heads/ directory or clp_jax/shipped/demo_heads).")
+
+    @property
+    def store_dir(self) -> str:
+        return self.features_dir or os.path.join(self.out_dir, "features")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,11 +115,14 @@ class Config:
     mesh: TrainMeshConfig | None = None  # None: no mesh (one device)
     run: RunConfig = RunConfig()
 
-    def heads_config(self, hidden_size: int, vocab_size: int) -> HeadsConfig:
-        return HeadsConfig(hidden_size=hidden_size, vocab_size=vocab_size, **self.heads)
+    def heads_config(self, backbone_cfg) -> HeadsConfig:
+        """The heads for this backbone (its width, vocabulary and, for the draft layer, block geometry)."""
+        if self.heads.get("kind") == "draft_layer":
+            return HeadsConfig.for_backbone(backbone_cfg, **self.heads)
+        return HeadsConfig(hidden_size=backbone_cfg.hidden_size, vocab_size=backbone_cfg.vocab_size, **self.heads)
 
 
-_HEADS_FROM_BACKBONE = ("hidden_size", "vocab_size")
+_HEADS_FROM_BACKBONE = ("hidden_size", "vocab_size", "layer")
 SECTIONS: dict[str, type] = {"model": ModelSource, "heads": HeadsConfig, "data": DataConfig,
                              "train": TrainConfig, "mesh": TrainMeshConfig, "run": RunConfig}
 
@@ -157,13 +170,19 @@ def build(tables: dict) -> Config:
     try:
         heads = kw.get("heads", {})
         try:
-            HeadsConfig(hidden_size=1, vocab_size=1, **heads)  # range checks of the heads' own fields
+            geometry = {"layer": (("hidden_size", 1),)} if heads.get("kind") == "draft_layer" else {}
+            HeadsConfig(hidden_size=1, vocab_size=1, **geometry, **heads)  # range checks of the heads' own fields
         except ValueError as e:
             raise ConfigError(str(e).replace("HeadsConfig.", "heads.")) from e
-        return Config(model=ModelSource(**kw.get("model", {})), heads=heads, data=DataConfig(**kw.get("data", {})),
+        cfg = Config(model=ModelSource(**kw.get("model", {})), heads=heads, data=DataConfig(**kw.get("data", {})),
                       train=TrainConfig(**kw.get("train", {})),
                       mesh=TrainMeshConfig(**kw["mesh"]) if "mesh" in kw else None,
                       run=RunConfig(**kw.get("run", {})))
+        if cfg.run.window > cfg.data.seq_len:
+            raise ConfigError(f"run.window ({cfg.run.window}) must be <= data.seq_len ({cfg.data.seq_len}).")
+        if cfg.train.soft_weight and not cfg.data.soft_topk:
+            raise ConfigError("train.soft_weight > 0 needs soft labels in the feature store: set data.soft_topk > 0.")
+        return cfg
     except ConfigError:
         raise
     except ValueError as e:
@@ -200,7 +219,7 @@ def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
 
 def check_batch_sizes(rc: RunConfig, mesh) -> None:
     """Global batch sizes must divide the mesh's data axis and the processes, before anything is built."""
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "clp_batch_size", "eval_batch_size"):
         value = getattr(rc, key)
         if mesh is not None and value % mesh.shape["data"]:
             raise ConfigError(f"run.{key}={value} does not divide the mesh's data axis ({mesh.shape['data']}).")

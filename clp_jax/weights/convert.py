@@ -81,6 +81,10 @@ GGUF_TO_HF: tuple[tuple[str, str], ...] = (
 )
 
 
+# MiMo-MTP layers stored beside the backbone (weights/mimo.py reads them; the backbone skips them)
+MTP_PREFIX = "model.mtp_layers."
+
+
 class ConversionError(ValueError):
     """A checkpoint does not match the model it is converted into."""
 
@@ -110,7 +114,7 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, Array]]) 
     for name, w in tensors:
         renamed = _rename(name, HF_TO_FLAX)
         if renamed is None:
-            if name.endswith("rotary_emb.inv_freq"):  # buffers some exporters keep
+            if name.endswith("rotary_emb.inv_freq") or name.startswith(MTP_PREFIX):  # buffers; MTP layers
                 continue
             raise ConversionError(f"Unexpected tensor {name!r} in a Qwen2 checkpoint.")
         key, transform = renamed
@@ -173,18 +177,37 @@ def hf_tensors(model: Qwen2) -> dict[str, np.ndarray]:
 
     Drives a transformers `Qwen2ForCausalLM` with exactly these weights (the benchmark's peers).
     """
+    return flat_to_hf(flat_params(model), model.cfg)
+
+
+def flat_to_hf(flat: dict[str, Array], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Flat Flax parameters (`{'layers.0.attn.q.kernel': array}`, any subset of a `Qwen2`'s) -> Hugging
+    Face names and `[out, in]` float32 arrays, through HF_TO_FLAX read backwards."""
     table = [(re.escape(template).replace(r"\{0\}", r"(\d+)"), pattern, transform)
              for pattern, template, transform in HF_TO_FLAX]
     out = {}
-    for key, value in flat_params(model).items():
+    for key, value in flat.items():
         for flax_pattern, hf_pattern, transform in table:
             m = re.fullmatch(flax_pattern, key)
             if m:
                 name = hf_pattern.replace(r"(\d+)", "{0}").replace("\\.", ".").format(*m.groups())
-                out[name] = np.array(_INVERSE[transform](np.asarray(value, np.float32), model.cfg), order="C")
+                out[name] = np.array(_INVERSE[transform](np.asarray(value, np.float32), cfg), order="C")
                 break
         else:
             raise ConversionError(f"No Hugging Face name for parameter {key!r}.")
+    return out
+
+
+def hf_to_flat(tensors: Iterable[tuple[str, Array]], cfg: ModelConfig) -> dict[str, Array]:
+    """(Hugging Face name, array) pairs -> flat Flax parameters, transformed but not shape-checked
+    (`params_from_tensors` checks a whole model; callers of this check their own part)."""
+    out = {}
+    for name, w in tensors:
+        renamed = _rename(name, HF_TO_FLAX)
+        if renamed is None:
+            raise ConversionError(f"Unexpected tensor {name!r} in a Qwen2 checkpoint.")
+        key, transform = renamed
+        out[key] = transform(w, cfg)
     return out
 
 
