@@ -75,7 +75,7 @@ def _files(d: str) -> dict:
     return p
 
 
-DEMO = "configs/demo.toml"
+DEMO = os.path.join(ROOT, "configs", "draft_layer_demo.toml")
 # (id, script, argv (with {placeholders} from _files), what the one error line must contain)
 CASES = [
     ("k0", "decode.py", ["--k", "0"], "--k 0 is out of range: expected a value >= 1"),
@@ -104,10 +104,20 @@ CASES = [
      "train.learning_rate = 'abc': expected a number"),
     ("lr_negative", "train.py", ["--config", DEMO, "--set", "train.learning_rate=-1"],
      "train.learning_rate must be > 0, got -1.0"),
-    ("steps0", "train.py", ["--config", DEMO, "--set", "run.steps=0"], "run.steps must be >= 1, got 0"),
+    ("steps0", "train.py", ["--config", DEMO, "--set", "run.steps=0"], "run.steps must be in 1..10000000, got 0"),
     ("steps_float", "train.py", ["--config", DEMO, "--set", "run.steps=1.5"], "run.steps = 1.5: expected an integer"),
-    ("heads_k0", "train.py", ["--config", DEMO, "--set", "heads.k=0"], "heads.k must be >= 1, got 0"),
-    ("vocab_word", "train.py", ["--config", DEMO, "--set", "run.vocab=tiny"], "run.vocab must be 'corpus' or 'full'"),
+    ("heads_k0", "train.py", ["--config", DEMO, "--set", "heads.k=0"], "heads.k must be in 1..16, got 0"),
+    ("heads_k99", "train.py", ["--config", DEMO, "--set", "heads.k=99"], "heads.k must be in 1..16, got 99"),
+    ("heads_kind", "train.py", ["--config", DEMO, "--set", 'heads.kind="eagle"'], "heads.kind must be one of"),
+    ("prompts_huge", "train.py", ["--config", DEMO, "--set", "data.chat_prompts=1000000000"],
+     "data.chat_prompts must be in 0..1000000"),
+    ("window_too_long", "train.py", ["--config", DEMO, "--set", "run.window=4096"],
+     "run.window (4096) must be <= data.seq_len (384)"),
+    ("soft_without_store", "train.py", ["--config", DEMO, "--set", "data.soft_topk=0"],
+     "train.soft_weight > 0 needs soft labels in the feature store"),
+    ("stop_after_word", "train.py", ["--config", DEMO, "--set", 'run.stop_after="eval"'], "run.stop_after must be"),
+    ("init_from_missing", "train.py", ["--config", DEMO, "--set", 'run.init_from="/nonexistent/heads"'],
+     "run.init_from = '/nonexistent/heads' is not a directory"),
     ("sources_empty", "train.py", ["--config", DEMO, "--set", "data.sources=[]"],
      "data.sources = []: expected a list of strings"),
     ("set_unknown_section", "train.py", ["--config", DEMO, "--set", "optim.lr=1"], "must look like SECTION.KEY=VALUE"),

@@ -1,9 +1,11 @@
-"""The tfds data pipeline (array_record, no TensorFlow) with a real, tiny, freshly trained BPE tokenizer."""
+"""Training inputs through tensorflow-datasets (array_record, no TensorFlow) with a real, tiny, freshly
+trained BPE tokenizer (with a ChatML template), and the self-distillation prompts."""
 
 import numpy as np
 import pytest
 
-from clp_jax.train import data
+from clp_jax.decode.prompts import CHAT_PROMPTS
+from clp_jax.train import data, prompts
 from helpers import tiny_tokenizer
 
 
@@ -15,41 +17,61 @@ def tokenizer():
 @pytest.fixture
 def corpus_dir(tmp_path):
     for i in range(6):
-        (tmp_path / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 8)
+        body = "".join(f"def f{i}_{j}(x):\n    \"\"\"Scale x by {i} and shift it by {j} (documented).\"\"\"\n"
+                       f"    return x * {i} + {j}\n\n" for j in range(4))
+        (tmp_path / f"m{i}.py").write_text(body)
     (tmp_path / "notes.jsonl").write_text('{"text": "plain prose for the corpus"}\n"a bare string"\n')
     return tmp_path
 
 
-def test_data_mode_rows_through_tfds(tokenizer, corpus_dir, tmp_path):
-    dc = data.DataConfig(sources=(str(corpus_dir),), mode="data", seq_len=16, max_records=20,
-                         validation_fraction=0.25)
-    rows = data.records(dc, tokenizer, None, pad_id=0, progress=False)
-    assert len(rows) == 20 and all(r["tokens"].shape == (16,) for r in rows)
-    ds = data.build_dataset(dc, data.dataset_name(dc, "tiny"), lambda: rows, str(tmp_path / "tfds"))
-    assert (len(ds["train"]), len(ds["validation"])) == (15, 5)
-    batch = data.get_batch(ds["train"], data.batch_indices(15, 0, 4, seed=0))
-    assert batch["tokens"].shape == (4, 16) and batch["mask"].all()
-    reopened = data.build_dataset(dc, data.dataset_name(dc, "tiny"), lambda: [], str(tmp_path / "tfds"))
-    assert len(reopened["train"]) == 15  # built once, then reused
+def _config(corpus_dir, **kw):
+    fields = dict(sources=(str(corpus_dir),), seq_len=256, corpus_records=3, code_prompts=4, chat_code_prompts=3,
+                  chat_prompts=5, max_prompt_len=200, new_tokens=8)
+    fields.update(kw)
+    return data.DataConfig(**fields)
 
 
-def test_self_distill_masks_the_continuation(tokenizer, corpus_dir):
-    dc = data.DataConfig(sources=(str(corpus_dir),), mode="self_distill", seq_len=12, prompt_len=5, max_records=3)
-    rows = data.records(dc, tokenizer, lambda prompts: [[7] * 4 for _ in prompts], pad_id=0, progress=False)
-    for r in rows:
-        np.testing.assert_array_equal(r["tokens"][5:9], [7] * 4)
-        np.testing.assert_array_equal(r["mask"], [False] * 4 + [True] * 5 + [False] * 3)
+def test_inputs_through_tfds_per_kind(tokenizer, corpus_dir, tmp_path):
+    dc = _config(corpus_dir)
+    inputs = data.build_inputs(dc, tokenizer, "tiny", str(tmp_path / "tfds"))
+    assert {k: len(v) for k, v in inputs.items()} == {"corpus": 3, "code": 4, "chat_code": 3, "chat": 5}
+    assert all(len(r) == 256 for r in inputs["corpus"])
+    assert all(len(r) <= 200 for kind in ("code", "chat_code", "chat") for r in inputs[kind])
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert all(r[0] == im_start for r in inputs["chat"] + inputs["chat_code"])  # through the chat template
+    assert all(im_start not in r for r in inputs["code"])  # raw completions
+    assert tokenizer.decode(inputs["code"][0]).startswith("def f")
+    again = data.build_inputs(dc, tokenizer, "tiny", str(tmp_path / "tfds"))  # built once, then reused
+    assert again == inputs
 
 
-def test_empty_or_missing_sources(tokenizer, tmp_path):
+def test_growing_the_counts_only_appends(tokenizer, corpus_dir, tmp_path):
+    small = data.input_records(_config(corpus_dir), tokenizer)
+    big = data.input_records(_config(corpus_dir, corpus_records=4, code_prompts=8, chat_prompts=9), tokenizer)
+    for kind, rows in small.items():
+        assert [r.tolist() for r in big[kind][:len(rows)]] == [r.tolist() for r in rows], kind
+
+
+def test_prompts_never_hold_the_bench_prompts():
+    assert not set(CHAT_PROMPTS) & set(prompts.chat_requests(0))
+    assert len(prompts.chat_requests(0)) > 4000
+
+
+def test_config_bounds_say_what_to_change():
+    with pytest.raises(ValueError, match="max_prompt_len.*new_tokens.*seq_len"):
+        data.DataConfig(seq_len=64, max_prompt_len=48, new_tokens=32)
+    with pytest.raises(ValueError, match="No records"):
+        data.DataConfig(corpus_records=0, code_prompts=0, chat_code_prompts=0, chat_prompts=0)
+    with pytest.raises(ValueError, match="chat_prompts must be in 0..1000000"):
+        data.DataConfig(chat_prompts=10 ** 9)
+
+
+def test_empty_or_missing_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         data.source_files([str(tmp_path / "missing")], 10, 0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no text files"):
         data.source_files([str(tmp_path / "empty")], 10, 0)
-    dc = data.DataConfig(sources=(str(tmp_path),), mode="data", seq_len=16)
-    with pytest.raises(ValueError):
-        data.build_dataset(dc, "empty", lambda: [], str(tmp_path / "tfds"))
 
 
 def test_stdlib_corpus_exists_and_excludes_tests():

@@ -1,90 +1,125 @@
-"""The training loop: interrupted and resumed runs equal an uninterrupted one."""
+"""The one training loop on the draft-layer objective: interrupted and resumed runs equal an uninterrupted
+one, a time budget stops with a checkpoint, resumes refuse another run's checkpoints, configs parse."""
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.drafting.checkpoint import CheckpointError
+from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.drafting.checkpoint import CheckpointError, load_heads, save_heads
 from clp_jax.drafting.heads import Heads, HeadsConfig
+from clp_jax.train import data, feature_store as fs
 from clp_jax.train.checkpoints import TrainCheckpoints
-from clp_jax.train.features import cached_hidden_fn
-from clp_jax.train.loop import evaluate, fit
+from clp_jax.train.loop import WindowSampler, evaluate, fit
+from clp_jax.train.objectives import TrainConfig
 from clp_jax.train.pipeline import run_meta
 from clp_jax.train.run_config import ConfigError, load_config
-from clp_jax.train.step import TrainConfig, Trainer
-
-from helpers import scaled_random_model, tiny_config
+from clp_jax.train.step import Trainer
 
 
 @pytest.fixture(scope="module")
-def setting():
-    model = scaled_random_model(tiny_config(), seed=6, logit_scale=2.0)
+def store(model, tmp_path_factory):
+    """A small feature store: teacher-forced records and recorded self-distilled ones, soft labels."""
     rng = np.random.RandomState(0)
-    source = [{"tokens": rng.randint(0, 128, 16).astype(np.int32), "mask": np.ones(16, bool)} for _ in range(12)]
-    return model, source, cached_hidden_fn(model, source, progress=False)
+    inputs = {"corpus": [rng.randint(0, 128, 32).tolist() for _ in range(6)],
+              "chat": [rng.randint(0, 128, n).tolist() for n in (3, 9, 5, 12, 7, 4)]}
+    dc = data.DataConfig(seq_len=32, corpus_records=6, chat_prompts=6, code_prompts=0, chat_code_prompts=0,
+                         max_prompt_len=12, new_tokens=12, soft_topk=3, shard_records=4)
+    dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=12, record_hidden=True, record_topk=3))
+    path = str(tmp_path_factory.mktemp("store"))
+    plan = data.build_store(dc, inputs, path, backbone=model, make_generator=lambda: dec.generate,
+                            gen_batch_size=4, feature_batch_size=3, progress=False)
+    return fs.FeatureStore(path, plan)
 
 
-def _trainer(model, k=2):
-    heads = Heads(HeadsConfig(hidden_size=64, vocab_size=128, k=k), rngs=nnx.Rngs(0))
-    return Trainer(model, heads, TrainConfig(learning_rate=1e-2, warmup_steps=2)), heads
+def _trainer(model, k=2, steps=8, tc=None):
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=k, kind="draft_layer", gate=False), rngs=nnx.Rngs(0))
+    heads.drafter.init_from_backbone(model)
+    tc = tc or TrainConfig(learning_rate=3e-3, warmup_steps=2, soft_weight=0.5)
+    return Trainer(model, heads, "drafter", tc, np.arange(128), steps), heads
 
 
-def test_resume_equals_uninterrupted(setting, tmp_path):
-    model, source, hidden = setting
-    kw = dict(batch_size=4, seed=1, hidden_fn=hidden, progress=False)
+def _sampler(store, trainer):
+    return WindowSampler(store, np.arange(len(store)), 4, 16, seed=1, soft=trainer.needs_soft)
+
+
+def test_resume_equals_uninterrupted(model, store, tmp_path):
     full, heads = _trainer(model)
-    meta = run_meta(heads.cfg, model.cfg)
-    ref = fit(full, source, steps=10, **kw)
+    meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, full.tc)
+    ref = fit(full, _sampler(store, full), steps=8, batch_size=4, progress=False)
     first, _ = _trainer(model)
-    with TrainCheckpoints(str(tmp_path), every=5, keep=2) as ckpts:
-        fit(first, source, steps=5, ckpts=ckpts, meta=meta, **kw)
+    with TrainCheckpoints(str(tmp_path), every=3, keep=2) as ckpts:
+        fit(first, _sampler(store, first), steps=5, batch_size=4, ckpts=ckpts, meta=meta, progress=False)
     resumed, _ = _trainer(model)  # a fresh process would start here
-    with TrainCheckpoints(str(tmp_path), every=5, keep=2) as ckpts:
-        rest = fit(resumed, source, steps=10, ckpts=ckpts, meta=meta, **kw)
-    assert [m["step"] for m in rest] == list(range(6, 11))
+    with TrainCheckpoints(str(tmp_path), every=3, keep=2) as ckpts:
+        rest = fit(resumed, _sampler(store, resumed), steps=8, batch_size=4, ckpts=ckpts, meta=meta, progress=False)
+    assert [m["step"] for m in rest] == [6, 7, 8]
     assert [m["loss"] for m in rest] == [m["loss"] for m in ref[5:]]  # the same computation, bit for bit
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    held = evaluate(resumed, source, batch_size=4, hidden_fn=hidden)
-    assert held == evaluate(full, source, batch_size=4, hidden_fn=hidden)
-    # every position whose k=2 targets lie inside its row lands once in the (k+1)x(k+1) confusion matrix
-    confusion = np.asarray(held["clp_confusion"])
-    assert confusion.shape == (3, 3) and confusion.sum() == 12 * (16 - 2)
+    records = np.arange(len(store))
+    held = evaluate(resumed, store, records, batch_size=4)
+    assert held == evaluate(full, store, records, batch_size=4)
+    # every anchor of every record, once: all but each record's last (its draft would lie past the record)
+    assert held["positions"] == store.positions() - len(store)
 
 
-def test_resume_refuses_other_heads(setting, tmp_path):
-    model, source, hidden = setting
-    kw = dict(batch_size=4, seed=1, hidden_fn=hidden, progress=False)
+def test_time_budget_stops_with_a_checkpoint_and_a_rerun_continues(model, store, tmp_path):
     trainer, heads = _trainer(model)
-    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts:
-        fit(trainer, source, steps=2, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg), **kw)
-    other, other_heads = _trainer(model, k=3)
-    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, \
-            pytest.raises(CheckpointError, match="made with another heads_config .*Use a new run.out_dir"):
-        fit(other, source, steps=4, ckpts=ckpts, meta=run_meta(other_heads.cfg, model.cfg), **kw)
-
-
-def test_resume_refuses_other_data_or_optimisation(setting, tmp_path):
-    """A run resumed with another dataset, batch order or learning rate would mix two runs: refused.
-    More steps are fine."""
-    model, source, hidden = setting
-    kw = dict(batch_size=4, seed=1, hidden_fn=hidden, progress=False)
-    data = {"dataset": "v1", "batch_size": 4, "seed": 1}
-    trainer, heads = _trainer(model)
-    with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts:
-        fit(trainer, source, steps=2, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg, data, trainer.tc), **kw)
-    for other_data, tc in (({**data, "dataset": "v2"}, trainer.tc),
-                           (data, dataclasses.replace(trainer.tc, learning_rate=0.5))):
-        again, _ = _trainer(model)
-        with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, pytest.raises(CheckpointError, match="out_dir"):
-            fit(again, source, steps=4, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg, other_data, tc), **kw)
+    meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, trainer.tc)
+    with TrainCheckpoints(str(tmp_path), every=100, keep=1) as ckpts:
+        done = fit(trainer, _sampler(store, trainer), steps=8, batch_size=4, ckpts=ckpts, meta=meta,
+                   budget_seconds=1e-9, progress=False)
+        assert done == [] and ckpts.latest_step() == 0
+        fit(trainer, _sampler(store, trainer), steps=2, batch_size=4, ckpts=ckpts, meta=meta, budget_seconds=1e-9,
+            progress=False)
     again, _ = _trainer(model)
+    with TrainCheckpoints(str(tmp_path), every=100, keep=1) as ckpts:
+        fit(again, _sampler(store, again), steps=3, batch_size=4, ckpts=ckpts, meta=meta, progress=False)
+    assert again.step_count == 3
+
+
+def test_resume_refuses_other_heads_data_or_optimisation(model, store, tmp_path):
+    trainer, heads = _trainer(model)
+    data_meta = {"store": "s1", "batch_size": 4}
     with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts:
-        fit(again, source, steps=4, ckpts=ckpts, meta=run_meta(heads.cfg, model.cfg, data, trainer.tc), **kw)
-    assert again.step_count == 4
+        fit(trainer, _sampler(store, trainer), steps=2, batch_size=4, ckpts=ckpts,
+            meta=run_meta(heads.cfg, model.cfg, data_meta, trainer.tc), progress=False)
+    other_k, other_heads = _trainer(model, k=3)
+    for meta in (run_meta(other_heads.cfg, model.cfg, data_meta, trainer.tc),
+                 run_meta(heads.cfg, model.cfg, {**data_meta, "store": "s2"}, trainer.tc),
+                 run_meta(heads.cfg, model.cfg, data_meta, dataclasses.replace(trainer.tc, learning_rate=0.5))):
+        again = other_k if meta["heads_config"]["k"] == 3 else _trainer(model)[0]
+        with TrainCheckpoints(str(tmp_path), every=1, keep=1) as ckpts, \
+                pytest.raises(CheckpointError, match="made with another .*Use a new run.out_dir"):
+            fit(again, _sampler(store, again), steps=4, batch_size=4, ckpts=ckpts, meta=meta, progress=False)
+
+
+def test_windows_of_self_distilled_records_cover_the_generation(store):
+    sampler = WindowSampler(store, np.flatnonzero(store.prompt_lengths > 0), 6, 16, seed=0)
+    for step in range(5):
+        rows, starts = sampler.rows(step)
+        assert np.all(starts <= np.maximum(store.prompt_lengths[rows] - 1, 0) + 16)
+        b = sampler(step)
+        assert np.mean(b["labels"] >= 0) > 0.4  # mostly targets, not prompt
+
+
+def test_trained_heads_keep_their_draft_vocabulary_and_calibration(model, store, tmp_path):
+    vocab = np.arange(0, 128, 2)
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer", gate=False), rngs=nnx.Rngs(0),
+                  draft_vocab=vocab)
+    trainer = Trainer(model, heads, "drafter", TrainConfig(learning_rate=1e-2, warmup_steps=2), vocab, steps=2)
+    fit(trainer, WindowSampler(store, np.arange(len(store)), 4, 16, seed=1), steps=2, batch_size=4, progress=False)
+    save_heads(str(tmp_path / "heads"), trainer.heads().with_calibration([1.5, 2.0]), model.cfg)
+    restored = load_heads(str(tmp_path / "heads"), model.cfg)
+    np.testing.assert_array_equal(restored.draft_vocab[...], vocab)
+    assert restored.calibration_list() == [1.5, 2.0]
+    for a, b in zip(jax.tree.leaves(nnx.state(trainer.heads(), nnx.Param)), jax.tree.leaves(nnx.state(restored, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_load_config_with_overrides(tmp_path):
@@ -93,10 +128,19 @@ def test_load_config_with_overrides(tmp_path):
     cfg = load_config(str(path), ["train.learning_rate=3e-4", "run.out_dir=runs/x", "heads.k=2"])
     assert cfg.train.learning_rate == 3e-4 and cfg.run.out_dir == "runs/x" and cfg.heads == {"k": 2}
     assert cfg.run.steps == 5 and cfg.run.batch_size == 8  # the file, then the defaults
+    assert cfg.run.store_dir == os.path.join("runs/x", "features")
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         load_config(str(path), ["nope=1"])
     with pytest.raises(ConfigError, match=r"train.learning_rate = 'abc': expected a number"):
         load_config(str(path), ["train.learning_rate=abc"])
+    for bad, message in (("heads.k=99", "heads.k must be in 1..16"), ('heads.kind="eagle"', "heads.kind"),
+                         ("run.window=4096", r"run.window \(4096\) must be <= data.seq_len"),
+                         ("train.soft_weight=0.5", "needs soft labels"),
+                         ("data.chat_prompts=-1", "data.chat_prompts must be in"),
+                         ('run.stop_after="eval"', "run.stop_after"), ('run.init_from="/no/such"', "init_from")):
+        extra = ["data.soft_topk=0"] if "soft_weight" in bad else []
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(path), [bad] + extra)
     path.write_text('[run]\nstepz = 5\n')
     with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['stepz'\] in \[run\]"):
         load_config(str(path))
@@ -104,16 +148,7 @@ def test_load_config_with_overrides(tmp_path):
         load_config(str(tmp_path / "missing.toml"))
 
 
-def test_batches_are_a_function_of_the_step():
-    from clp_jax.train.data import batch_indices
-
-    n, bs = 10, 4
-    stream = np.concatenate([batch_indices(n, s, bs, seed=3) for s in range(5)])  # 20 = two epochs
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
-    np.testing.assert_array_equal(batch_indices(n, 3, bs, seed=3), stream[12:16])
-
-
-@pytest.mark.parametrize("name", ["demo", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
+@pytest.mark.parametrize("name", ["draft_layer_demo", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
 def test_shipped_configs_parse(name):
     import tomllib
 
@@ -124,29 +159,5 @@ def test_shipped_configs_parse(name):
         for key, value in table.items():
             got = getattr(cfg, section)[key] if section == "heads" else getattr(getattr(cfg, section), key)
             assert got == (tuple(value) if isinstance(value, list) else value), (section, key)
+    assert cfg.heads["kind"] == "draft_layer"
     assert cfg.run.batch_size % (cfg.mesh.data if cfg.mesh else 1) == 0
-
-
-def test_hidden_states_cached_on_disk(setting, tmp_path):
-    model, source, _ = setting
-    path = str(tmp_path / "train.npy")
-    first = cached_hidden_fn(model, source, progress=False, path=path)
-    idx = np.array([3, 0, 7])
-    again = cached_hidden_fn(None, source, progress=False, path=path)  # no model needed: read from disk
-    np.testing.assert_array_equal(np.asarray(first(idx, None)), np.asarray(again(idx, None)))
-
-
-def test_trained_heads_keep_their_draft_vocabulary(setting, tmp_path):
-    """What run() saves: the trainer's heads with the training sub-vocabulary as their draft vocabulary."""
-    from clp_jax.drafting.checkpoint import load_heads, save_heads
-
-    model, source, hidden = setting
-    vocab = np.arange(0, 128, 2)
-    heads = Heads(HeadsConfig(hidden_size=64, vocab_size=128, k=2), rngs=nnx.Rngs(0))
-    trainer = Trainer(model, heads, TrainConfig(learning_rate=1e-2, warmup_steps=2), vocab=vocab)
-    fit(trainer, source, steps=2, batch_size=4, seed=1, hidden_fn=hidden, progress=False)
-    save_heads(str(tmp_path / "heads"), trainer.heads().with_draft_vocab(vocab), model.cfg)
-    restored = load_heads(str(tmp_path / "heads"), model.cfg)
-    np.testing.assert_array_equal(restored.draft_vocab[...], vocab)
-    for a, b in zip(jax.tree.leaves(nnx.state(trainer.heads(), nnx.Param)), jax.tree.leaves(nnx.state(restored, nnx.Param))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -198,7 +198,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
     heads = heads.with_calibration(cal["temperature"])
     result["calibration"] = cal
     result["seconds"] = timings
-    checkpoint.save_heads(os.path.join(out_dir, "heads"), heads, backbone.cfg, {"eval": result})  # collective
+    checkpoint.save_heads(os.path.join(out_dir, "heads"), heads, backbone.cfg,  # collective
+                          {"model": cfg.model.name, "eval": result})
     if multihost.is_writer():
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -29,9 +29,8 @@ TRAINABLE = {"drafter": ("drafter", "gate_heads", "gate"), "clp": ("clp",)}
 
 def make_optimizer(lr: float, steps: int, tc: TrainConfig) -> optax.GradientTransformation:
     """AdamW with global-norm clipping, linear warm-up and cosine decay to min_learning_rate_ratio."""
-    warmup = min(tc.warmup_steps, max(steps // 2, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
-                                                  lr * tc.min_learning_rate_ratio)
+    warmup = max(min(tc.warmup_steps, steps // 2), 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * tc.min_learning_rate_ratio)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.adamw(schedule, weight_decay=tc.weight_decay))
 
 
