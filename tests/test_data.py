@@ -15,7 +15,9 @@ def tokenizer():
 
 
 @pytest.fixture
-def corpus_dir(tmp_path):
+def corpus_dir(tmp_path):  # apart from the tfds directories the tests write (they hold .json files)
+    tmp_path = tmp_path / "corpus"
+    tmp_path.mkdir()
     for i in range(6):
         body = "".join(f"def f{i}_{j}(x):\n    \"\"\"Scale x by {i} and shift it by {j} (documented).\"\"\"\n"
                        f"    return x * {i} + {j}\n\n" for j in range(4))
@@ -46,10 +48,14 @@ def test_inputs_through_tfds_per_kind(tokenizer, corpus_dir, tmp_path):
 
 
 def test_growing_the_counts_only_appends(tokenizer, corpus_dir, tmp_path):
-    small = data.input_records(_config(corpus_dir), tokenizer)
-    big = data.input_records(_config(corpus_dir, corpus_records=4, code_prompts=8, chat_prompts=9), tokenizer)
+    """A larger dataset starts with the records of the smaller one (tfds stores them in generation order),
+    so a grown run's feature shards stay valid."""
+    small = data.build_inputs(_config(corpus_dir), tokenizer, "tiny", str(tmp_path / "tfds"))
+    big = data.build_inputs(_config(corpus_dir, corpus_records=4, code_prompts=8, chat_prompts=9), tokenizer,
+                            "tiny", str(tmp_path / "tfds"))
     for kind, rows in small.items():
-        assert [r.tolist() for r in big[kind][:len(rows)]] == [r.tolist() for r in rows], kind
+        assert len(big[kind]) >= len(rows) and big[kind][:len(rows)] == rows, kind
+    assert len(big["chat"]) > len(small["chat"]) and len(big["corpus"]) > len(small["corpus"])
 
 
 def test_prompts_never_hold_the_bench_prompts():

@@ -97,7 +97,7 @@ def _start(config: str, cache: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 900.0) -> bool:
     """SIGKILLs `proc` as soon as ready() holds; returns whether it did (False: the run ended first)."""
     t0 = time.monotonic()
     while proc.poll() is None and time.monotonic() - t0 < timeout:

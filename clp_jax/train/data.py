@@ -191,14 +191,16 @@ def _builder_class():
     class ClpInputs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Token records of each kind (one split per kind), padded to seq_len, as array_record."""
 
-        VERSION = tfds.core.Version("2.0.0")
+        VERSION = tfds.core.Version("2.1.0")  # 2.1: records in generation order
 
         def __init__(self, *, records=None, seq_len: int, **kw):
             self._records, self._seq_len = records, seq_len
             super().__init__(**kw)
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            # stored in generation order: tfds would otherwise shuffle by key hash, and a grown dataset would
+            # not start with the records of the smaller one
+            return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
                 "tokens": tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32),
                 "length": tfds.features.Scalar(dtype=np.int32)}))
 
