@@ -116,4 +116,5 @@ class Trainer:
         return jax.device_get(self._eval(self.params, self.bb_state, self.place(batch)))
 
     def heads(self) -> Heads:
-        return nnx.merge(self._heads_def, jax.device_get(self.params), self._rest)
+        """The heads with the trained parameters (global arrays: on a pod, save_heads gathers them)."""
+        return nnx.merge(self._heads_def, self.params, self._rest)
