@@ -2,8 +2,8 @@
 `python tools/export_vllm.py --model demo --out runs/demo-mimo` (default heads: the shipped ones).
 
 The directory is a Hugging Face model directory that vLLM serves with
-`speculative_config={"method": "mtp", "num_speculative_tokens": 1}` and that `decode.py --model DIR --heads DIR`
-reads back. See docs/serving.md.
+`speculative_config={"method": "mtp", "num_speculative_tokens": 1}` and that
+`decode.py --model DIR --heads DIR` reads back. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from clp_jax.weights import loading, mimo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="demo", help="'demo', a .gguf file, a Hugging Face directory or hub id")
-    p.add_argument("--heads", default=None, help="draft-layer heads checkpoint (default: the shipped heads of --model)")
+    p.add_argument("--heads", default=None,
+                   help="draft-layer heads checkpoint (default: the shipped heads of --model)")
     p.add_argument("--out", required=True, help="the directory to write (replaced if it exists)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="stored dtype (default: the backbone's, float32)")
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
     heads_path = args.heads or checkpoint.shipped_heads_path(args.model)
     try:
         if heads_path is None:
-            raise checkpoint.CheckpointError(f"No heads are shipped for --model {args.model!r}: pass --heads PATH.")
+            raise checkpoint.CheckpointError(f"No heads are shipped for --model {args.model!r}: "
+                                             "pass --heads PATH.")
         loading.check_source(args.model)
         mimo.check_kind(checkpoint.read_heads_config(heads_path).kind)  # cheap: before the backbone loads
         backbone = loading.load_backbone(args.model)

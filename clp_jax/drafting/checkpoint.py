@@ -158,12 +158,12 @@ def _load_mimo_heads(path: str, backbone_cfg: ModelConfig | None) -> Heads:
                               f"({backbone_fingerprint(exported)}); this backbone is "
                               f"{backbone_fingerprint(backbone_cfg)}.")
     try:
-        params, clp, _ = mimo.read_draft_layer(path, exported)
+        params, clp, record = mimo.read_draft_layer(path, exported)
     except (mimo.FormatError, OSError, ValueError) as e:
         raise CheckpointError(f"Could not read the draft layer of {path!r}: {e}") from e
-    heads = Heads(cfg, rngs=nnx.Rngs(0))
+    heads = Heads(cfg, rngs=nnx.Rngs(0), calibration=record.get("calibration"))
     values = {f"drafter.{k}": v for k, v in params.items()}
-    values.update({f"clp.{k[len('clp.'):]}": v for k, v in (clp or {}).items()})
+    values.update(clp or {})  # {'clp.linear.kernel': ..., 'clp.linear.bias': ...}
     _set_params(heads, values, path, optional=() if clp else ("clp.",))
     return heads
 
@@ -176,7 +176,8 @@ def _set_params(module, values: dict, path: str, optional: tuple = ()) -> None:
     missing = sorted(k for k in keys - set(values) if not k.startswith(optional))
     unexpected = sorted(set(values) - keys)
     if missing or unexpected:
-        raise CheckpointError(f"{path!r} does not fit these heads: missing {missing[:6]}, unexpected {unexpected[:6]}.")
+        raise CheckpointError(f"{path!r} does not fit these heads: missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}.")
     leaves = []
     for p, var in flat:
         key = ".".join(map(str, p))
@@ -185,7 +186,8 @@ def _set_params(module, values: dict, path: str, optional: tuple = ()) -> None:
             continue
         w = values[key]
         if tuple(w.shape) != tuple(var.shape):
-            raise CheckpointError(f"{path!r}: {key} has shape {tuple(w.shape)}, the heads need {tuple(var.shape)}.")
+            raise CheckpointError(f"{path!r}: {key} has shape {tuple(w.shape)}, the heads need "
+                                  f"{tuple(var.shape)}.")
         leaves.append((p, var.replace(jnp.asarray(w, var.dtype))))
     nnx.update(module, nnx.from_flat_state(leaves))
 

@@ -5,8 +5,8 @@ An exported directory is the target's Hugging Face directory (config.json, model
 files with the chat template, generation_config.json) whose safetensors also hold the draft layer under
 `model.mtp_layers.0.*`, and whose config.json says `architectures = ["MiMoForCausalLM"]`,
 `model_type = "qwen2"` (engines build the target as Qwen2; transformers knows no "mimo") and
-`num_nextn_predict_layers = 1`. clp_jax's own record (HeadsConfig's k, the backbone fingerprint) rides in
-config.json under "clp_jax"; the CLP, which no engine reads, in `clp_jax_heads.npz`.
+`num_nextn_predict_layers = 1`. clp_jax's own record (k, the confidence calibration, where the heads came
+from) rides in config.json under "clp_jax"; the CLP, which no engine reads, in `clp_jax_heads.npz`.
 
 The draft layer (drafting/draft_layer.py) maps one to one:
 
@@ -18,7 +18,7 @@ The draft layer (drafting/draft_layer.py) maps one to one:
       token embedding                       the same order
     layer.* (one Qwen2 decoder layer)       input_layernorm, self_attn.*, post_attention_layernorm, mlp.*
                                             (engines load them as mtp_block.*)
-    the backbone's final_norm (borrowed)    final_layernorm.weight (applied after the block, before the LM head)
+    the backbone's final_norm (borrowed)    final_layernorm.weight (after the block, before the LM head)
     the backbone's embedding and LM head    the target's embed_tokens and lm_head (shared, not duplicated)
 
 Two things the format computes differently (see docs/serving.md): vLLM's MiMo target hands the MTP layer
@@ -65,15 +65,16 @@ class FormatError(ValueError):
 def draft_layer_tensors(drafter, backbone_cfg: ModelConfig, final_norm) -> dict[str, np.ndarray]:
     """A DraftLayer's parameters -> `model.mtp_layers.0.*` tensors (float32, Hugging Face's [out, in])."""
     flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(drafter, nnx.Param))}
+    own = {param: name for name, param in _OWN.items() if param}  # DraftLayer path -> MiMo name
     block = {"layers.0." + k[len("layer."):]: v for k, v in flat.items() if k.startswith("layer.")}
+    unknown = sorted(set(flat) - set(own) - {k for k in flat if k.startswith("layer.")})
+    if unknown:
+        raise FormatError(f"Draft-layer parameters {unknown} have no MiMo-MTP name.")
     out = {MTP + name[len("model.layers.0."):]: w for name, w in flat_to_hf(block, backbone_cfg).items()}
-    own = {param: name for name, param in _OWN.items() if param}
-    for key in set(flat) - set(own) - {k for k in flat if k.startswith("layer.")}:
-        raise FormatError(f"Draft-layer parameter {key!r} has no MiMo-MTP name.")
     for param, name in own.items():
         w = np.asarray(flat[param], np.float32)
         out[MTP + name] = np.ascontiguousarray(w.T if param == "fuse" else w)  # fuse [2D, D] -> [D, 2D]
-    out[MTP + "final_layernorm.weight"] = np.asarray(final_norm, np.float32)
+    out[MTP + "final_layernorm.weight"] = np.asarray(final_norm, np.float32)  # [D]
     return out
 
 
@@ -92,7 +93,8 @@ def draft_layer_params(tensors: dict, cfg: ModelConfig) -> tuple[dict, np.ndarra
     params = {"layer." + k[len("layers.0."):]: v for k, v in hf_to_flat(block, cfg).items()}
     for name, param in _OWN.items():
         if param:
-            params[param] = own[name].T if param == "fuse" else own[name]  # input_proj [D, 2D] -> fuse [2D, D]
+            w = own[name]
+            params[param] = w.T if param == "fuse" else w  # input_proj [D, 2D] -> fuse [2D, D]
     return params, own["final_layernorm.weight"]
 
 
@@ -155,9 +157,9 @@ def check_kind(kind: str) -> None:
     """Only a draft layer has a MiMo-MTP form."""
     if kind != "draft_layer":
         raise FormatError(
-            f"These heads are of kind {kind!r} (Medusa-style residual heads on h_n): the MiMo-MTP layout carries "
-            "one draft layer (a decoder block applied per draft position) and nothing like Medusa heads. Train "
-            "a draft layer (HeadsConfig kind='draft_layer') to serve it with an engine.")
+            f"These heads are of kind {kind!r} (Medusa-style residual heads on h_n): the MiMo-MTP layout "
+            "carries one draft layer (a decoder block applied per draft position) and nothing like Medusa "
+            "heads. Train a draft layer (HeadsConfig kind='draft_layer') to serve it with an engine.")
 
 
 def check_exportable(heads, backbone_cfg: ModelConfig) -> list[str]:
@@ -189,7 +191,8 @@ def check_exportable(heads, backbone_cfg: ModelConfig) -> list[str]:
     return notes
 
 
-def export(out_dir: str, backbone, heads, *, dtype: str | None = None, source: str | None = None) -> list[str]:
+def export(out_dir: str, backbone, heads, *, dtype: str | None = None,
+           source: str | None = None) -> list[str]:
     """Writes backbone (a `loading.Backbone`) + draft-layer heads as a MiMo-MTP Hugging Face directory.
 
     Args:
@@ -216,10 +219,12 @@ def export(out_dir: str, backbone, heads, *, dtype: str | None = None, source: s
     tok = backbone.tokenizer
     bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     eos = tuple(int(i) for i in backbone.eos_token_ids)
-    record = {"k": heads.cfg.k, "kind": "draft_layer", "param_dtype": dtype, "source": source,
-              "backbone_source": backbone.source, "notes": notes}
+    calibration = heads.calibration_list() if hasattr(heads, "calibration_list") else None
+    record = {"k": heads.cfg.k, "kind": "draft_layer", "param_dtype": dtype, "calibration": calibration,
+              "source": source, "backbone_source": backbone.source, "notes": notes}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, dtype=dtype, bos_token_id=bos, eos_token_ids=eos, record=record), f, indent=2)
+        hf = hf_config(cfg, dtype=dtype, bos_token_id=bos, eos_token_ids=eos, record=record)
+        json.dump(hf, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:  # no sampling defaults: greedy
         json.dump({"bos_token_id": bos, "eos_token_id": list(eos), "pad_token_id": eos[0]}, f, indent=2)
     if tok is not None:
@@ -254,7 +259,8 @@ def read_draft_layer(path: str, cfg: ModelConfig) -> tuple[dict, dict | None, di
     params, final = draft_layer_params(mtp, cfg)
     if norm is None or not np.array_equal(np.asarray(final, np.float32), np.asarray(norm, np.float32)):
         raise FormatError(f"{path}: the MTP layer's final_layernorm differs from the target's model.norm; "
-                          "clp_jax's draft layer applies the backbone's own final norm, so it cannot read it.")
+                          "clp_jax's draft layer applies the backbone's own final norm, so it cannot read "
+                          "it.")
     clp = None
     extras = os.path.join(path, EXTRAS)
     if os.path.exists(extras):
