@@ -161,3 +161,10 @@ def test_sigkill_at_any_moment_loses_nothing(setup):
     for key in ("drafter", "clp", "calibration"):
         assert got[key] == want[key], key
     print(f"killed after phase-1 step {killed_at}; killed mid phase-2 save ({len(partial)} partial dirs left)")
+    # what train.py wrote is what decode.py loads, and `verify` with it decodes exactly like `ar`
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "CLP_JAX_CACHE": str(d / "cache")}
+    dec = subprocess.run([sys.executable, "decode.py", "--model", model, "--heads", os.path.join(out, "heads"),
+                          "--mode", "verify", "--compare", "ar", "--prompt", "def add(a, b):", "--max-new-tokens", "24"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert dec.returncode == 0, dec.stderr[-3000:]
+    assert "exact match 1.00" in dec.stdout + dec.stderr, dec.stdout[-2000:]
