@@ -35,9 +35,16 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.9, help="confadapt confidence threshold")
     p.add_argument("--clp-confidence", type=float, default=None,
                    help="clp: accept the most heads l with P(L* >= l) >= this under the CLP (default: argmax)")
-    p.add_argument("--verify-drafts", choices=("all", "clp"), default="all")
-    p.add_argument("--adaptive-width", action="store_true",
-                   help="feed only the slots a step needs (worth it where wide passes cost more, e.g. CPU)")
+    p.add_argument("--draft-budget", choices=decoding.DRAFT_BUDGETS, default=None,
+                   help="verify: drafts fed per pass. auto (default): only while they pay for their measured "
+                        "cost (a pass-cost table measured once per machine); fixed: all k; clp: the CLP's number")
+    p.add_argument("--verify-drafts", choices=("all", "clp"), default=None, help=argparse.SUPPRESS)  # old name
+    p.add_argument("--draft-source", choices=decoding.DRAFT_SOURCES, default="heads",
+                   help="verify: drafts from the heads, from the context (prompt lookup), or both, chosen per step")
+    p.add_argument("--adaptive-width", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed only the slots a step needs (default: on with --draft-budget auto or clp)")
+    p.add_argument("--remeasure-costs", action="store_true",
+                   help="measure this machine's pass costs again (else read from the cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -58,6 +65,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     # Everything a user gave is checked first: a wrong value fails in a second, not after the backbone load.
     options.check_decode_args(args)
+    if args.draft_budget is None:
+        args.draft_budget = {"all": "fixed", "clp": "clp", None: "auto"}[args.verify_drafts]
     sampling_cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if not (args.prompt or args.prompts_file or args.chat):
         args.prompt = ["def fibonacci(n):"]
@@ -70,10 +79,10 @@ def run(args) -> int:
     heads = options.build_heads(heads_source, backbone.cfg, args.k)
     k = args.k or options.default_k(heads, backbone.cfg, args.batch_size)
     dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
-                      tau=args.tau, clp_confidence=args.clp_confidence, verify_drafts=args.verify_drafts,
-                      max_cache_len=args.max_cache_len,
+                      tau=args.tau, clp_confidence=args.clp_confidence, draft_budget=args.draft_budget,
+                      draft_source=args.draft_source, max_cache_len=args.max_cache_len,
                       adaptive_width=args.adaptive_width)
-    decoder = Decoder(backbone.model, heads, dc, backbone.eos_token_ids)
+    decoder = Decoder(backbone.model, heads, dc, backbone.eos_token_ids, remeasure_costs=args.remeasure_costs)
     tok = backbone.tokenizer
 
     if args.chat:

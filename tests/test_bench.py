@@ -55,8 +55,8 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert bench.run(args) == 0
     report = json.loads((out / "bench.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["ar", "clp", "clp@p0.9", "verify", "verify@k1", "confadapt@0.5", "gate",
-                           "hf_greedy", "hf_lookup"]
+    assert list(modes) == ["ar", "clp", "clp@p0.9", "verify", "verify@fixed-heads", "verify@k1",
+                           "verify@k1-fixed-heads", "confadapt@0.5", "gate", "hf_greedy", "hf_lookup"]
     for label, m in modes.items():
         # speedup is the tokens/s ratio to ar's (decode-only; end to end for the peers, which cannot separate
         # prefill); two prompts and one HumanEval problem give these fractions
@@ -67,6 +67,14 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert modes["ar"]["speedup"] == 1.0 and modes["ar"]["exact_match"] == 1.0
     assert modes["ar"]["tokens_per_pass"] == pytest.approx(1.0)
     assert modes["verify"]["exact_match"] == 1.0 and modes["verify@k1"]["exact_match"] == 1.0
+    assert modes["verify@fixed-heads"]["exact_match"] == 1.0
+    for label in ("verify", "verify@fixed-heads"):  # the budget's policy, overall and per set
+        pol = modes[label]["policy"]
+        assert sum(pol["fed_share"]) == pytest.approx(1.0) and len(pol["fed_share"]) == 3
+        assert set(modes[label]["sets"]["chat"]["policy"]) == set(pol)
+    assert modes["verify@fixed-heads"]["policy"]["ar_cost_share"] == 0.0  # every pass feeds both drafts
+    assert modes["ar"]["policy"]["cost_per_token"] == pytest.approx(1.0)
+    assert report["meta"]["pass_costs"]["width"][0] == 1.0
     assert len(modes["verify@k1"]["head_acceptance"]) == 1
     assert modes["hf_greedy"]["exact_match"] == 1.0
     assert modes["hf_lookup"]["exact_match"] == 1.0
@@ -77,7 +85,14 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert report["meta"]["prompts"] == {"humaneval": 1, "chat": 1}
     for name in ("bench.md", "speedup_vs_quality.png", "acceptance.png"):
         assert os.path.getsize(out / name) > 0
-    assert "| verify |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| verify |" in md and "| verify@fixed-heads |" in md and "Pass costs" in md
+
+
+def test_bench_rejects_limit_zero(tmp_path, capsys):
+    """--limit 0 used to mean every problem (a 4-hour job); it is an error before anything loads."""
+    assert bench.main(["--limit", "0", "--out", str(tmp_path)]) == 2
+    assert "--limit 0 is out of range" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_modes(tmp_path):

@@ -40,6 +40,27 @@ def test_ar_is_one_token_per_pass(model, prompts, ar_tokens):
     assert all(len(t) == NEW for t in out.tokens)
 
 
+def test_ar_records_hidden_states_and_soft_labels(model, prompts, ar_tokens):
+    """Self-distillation records: each position's trunk state equals a teacher-forced pass over the same
+    tokens (bf16 rounding), and the soft labels' top-1 at every generated anchor is the generated token."""
+    dc = DecodeConfig(mode="ar", max_new_tokens=NEW, record_hidden=True, record_topk=4)
+    out = Decoder(model, None, dc).generate(prompts)
+    assert out.tokens == ar_tokens
+    for p, toks, hidden, ids, probs in zip(prompts, out.tokens, out.hidden, out.topk_ids, out.topk_probs):
+        seq = p + toks
+        L = len(seq)
+        assert hidden.shape == (L, model.cfg.hidden_size) and ids.shape == probs.shape == (L, 4)
+        full, _ = model(jnp.asarray([seq]), jnp.arange(L)[None])
+        # the last token was never fed (nothing followed it): L-1 states
+        np.testing.assert_allclose(np.asarray(hidden[:L - 1], np.float32), np.asarray(full[0, :L - 1]),
+                                   rtol=1e-2, atol=1e-2)
+        anchors = np.arange(len(p) - 1, L - 1)
+        assert ids[anchors, 0].tolist() == [seq[a + 1] for a in anchors]
+        assert np.all(np.diff(probs[anchors], axis=1) <= 0) and np.all(probs[anchors].sum(1) <= 1 + 1e-5)
+    with pytest.raises(ValueError, match="for 'ar'"):
+        DecodeConfig(mode="verify", record_hidden=True)
+
+
 def _oracle(model, prompts, ar_tokens, k, length=None):
     rows = 1 << (len(prompts) - 1).bit_length()  # the decoder's batch bucket
     table = reference_table(prompts, ar_tokens, rows=rows, width=64 + NEW)
@@ -66,6 +87,31 @@ def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch, adaptive):
         assert np.all(out.offered.sum(0) - out.accepted.sum(0) <= len(rows))
 
 
+@pytest.mark.parametrize("source", ["lookup", "both"])
+def test_verify_with_drafts_from_the_context_equals_ar(model, source):
+    """Prompt lookup: the continuation of the latest earlier n-gram, verified like the drafter's (here on
+    repetitive prompts, so it finds matches)."""
+    rng = np.random.RandomState(3)
+    rows = [(rng.randint(0, 128, n).tolist() * 3) for n in (4, 7, 5)]
+    want = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=NEW)).generate(rows).tokens
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW, draft_source=source)
+    out = Decoder(model, random_heads(model.cfg, 3), dc).generate(rows)
+    assert out.tokens == want
+    assert out.source[:, 1].sum() > 0 and out.accepted.sum() > 0
+    if source == "lookup":
+        assert out.source[:, 0].sum() == 0 and out.draft_steps.sum() == 0  # the drafter never runs
+
+
+def test_lookup_proposes_the_latest_continuation():
+    from clp_jax.decode.lookup import propose
+
+    buf = jnp.asarray([[1, 2, 3, 9, 8, 1, 2, 3, 0, 0], [5, 6, 7, 5, 6, 0, 0, 0, 0, 0], [1, 2, 3, 4, 0, 0, 0, 0, 0, 0],
+                       [4, 4, 4, 4, 0, 0, 0, 0, 0, 0]])
+    lk = propose(buf, jnp.asarray([8, 5, 4, 4]), 3)
+    assert lk.tokens.tolist() == [[9, 8, 1], [7, 5, 6], [0, 0, 0], [4, 0, 0]]
+    assert lk.count.tolist() == [3, 3, 0, 1] and lk.ngram.tolist() == [3, 2, 0, 3]
+
+
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 def test_clp_with_length_zero_equals_ar(model, prompts, ar_tokens, adaptive):
     heads = forced_length_heads(model.cfg, 3, length=0)
@@ -77,7 +123,7 @@ def test_clp_with_length_zero_equals_ar(model, prompts, ar_tokens, adaptive):
 def test_adaptive_verify_with_clp_chosen_drafts(model, prompts, ar_tokens):
     """verify feeding only the CLP's number of drafts (here 1) through a narrower chunk stays lossless."""
     heads = forced_length_heads(model.cfg, 3, length=1)
-    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW, verify_drafts="clp", adaptive_width=True)
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW, draft_budget="clp", adaptive_width=True)
     out = Decoder(model, heads, dc).generate(prompts)
     assert out.tokens == ar_tokens and out.offered[:, 1:].sum() == 0
 

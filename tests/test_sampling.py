@@ -7,8 +7,12 @@ import pytest
 
 import jax.numpy as jnp
 
+from clp_jax.decode import loop
 from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.decode.modes import make_mode
+from clp_jax.decode.pass_costs import PassCosts
 from clp_jax.decode.sampling import SamplingConfig, probs
+from clp_jax.decode.verify import Verify
 
 from helpers import random_heads, scaled_random_model, tiny_config
 
@@ -59,9 +63,14 @@ def setting():
     return model, heads, sc, prompt, _exact_distribution(model, prompt, sc, 3)
 
 
-def _samples(model, heads, mode, sc, prompt, seed=0, adaptive=False):
-    dc = DecodeConfig(mode=mode, k=2, max_new_tokens=3, sampling=sc, adaptive_width=adaptive)
-    out = Decoder(model, heads, dc).generate([prompt] * N, seed=seed)
+# a budget that often feeds one draft of two, and sometimes none (wider passes cost more, drafting is cheap)
+COSTS = PassCosts(width=(1.0, 1.3, 1.35), draft_first=(0.05,), draft_step=0.05)
+
+
+def _samples(model, heads, mode, sc, prompt, seed=0, adaptive=None, budget="fixed", source="heads"):
+    dc = DecodeConfig(mode=mode, k=2, max_new_tokens=3, sampling=sc, adaptive_width=adaptive, draft_budget=budget,
+                      draft_source=source)
+    out = Decoder(model, heads, dc, costs=COSTS).generate([prompt] * N, seed=seed)
     return [tuple(t) for t in out.tokens], out
 
 
@@ -70,7 +79,7 @@ def test_verify_sampling_matches_ar_distribution(setting):
     model, heads, sc, prompt, exact = setting
     ar, _ = _samples(model, None, "ar", sc, prompt)
     verify, out = _samples(model, heads, "verify", sc, prompt)
-    narrow, _ = _samples(model, heads, "verify", sc, prompt, adaptive=True)
+    narrow, _ = _samples(model, heads, "verify", sc, prompt, budget="auto")  # per-row drafts fed, narrow passes
     assert 0.1 < out.head_acceptance[0] < 0.9  # both accept and reject paths are exercised
     tv_ar, tv_verify = _tv(ar, exact), _tv(verify, exact)
     # An exact sampler's TV to the truth is sampling noise alone: ar measures it.
@@ -84,3 +93,47 @@ def test_verify_sampling_matches_ar_distribution(setting):
     tv_blind = _tv(unverified, exact)
     print(f"TV to the exact law: ar {tv_ar:.3f}, verify {tv_verify:.3f}, unverified {tv_blind:.3f}")
     assert tv_blind > 3 * tv_ar
+
+
+class _PeekingVerify(Verify):
+    """A wrong budget: feeds a draft only when the token drawn is its distribution's most likely one (the
+    choice depends on the token itself, so speculative sampling's acceptance test no longer holds)."""
+
+    def _how_many(self, ch, stats, active, *lookup):
+        top = ch.tokens == jnp.argmax(ch.logits, -1)  # [B, k]
+        return jnp.sum(jnp.cumprod(top & (jnp.arange(self.k)[None] < ch.steps[:, None]), 1), 1).astype(jnp.int32)
+
+
+def test_verify_sampling_with_the_draft_layer_and_the_budget(setting, monkeypatch):
+    """The draft layer's sampled drafts, fed as the budget chooses (per row, per pass), keep ar's law; two
+    controls move it: the same drafts accepted unverified, and a budget that peeks at the drawn token."""
+    from test_draft_layer import draft_heads
+
+    model, _, sc, prompt, exact = setting
+    heads = draft_heads(model, k=2, scale=0.3)
+    ar, _ = _samples(model, None, "ar", sc, prompt)
+    tv_ar = _tv(ar, exact)
+    verify, out = _samples(model, heads, "verify", sc, prompt, budget="auto")
+    fed = out.fed.sum(0)
+    assert fed[1] > 0.05 * fed.sum() and fed[2] > 0.05 * fed.sum()  # rows stopped their chains at either draft
+    assert 0.1 < out.head_acceptance[0] < 0.9
+    tv_verify = _tv(verify, exact)
+    blind = draft_heads(model, k=2, scale=0.3)
+    blind.clp.linear.bias[...] = jnp.zeros((3,)).at[2].set(100.0)
+    tv_blind = _tv(_samples(model, blind, "clp", sc, prompt)[0], exact)
+    # drafts from the context are point masses (q = 1 at the retrieved token): on a prompt that repeats itself
+    rep = [3, 1, 5, 3, 1, 5, 3, 1]
+    exact_rep = _exact_distribution(model, rep, sc, 3)
+    tv_ar_rep = _tv(_samples(model, None, "ar", sc, rep)[0], exact_rep)
+    looked, out_lk = _samples(model, heads, "verify", sc, rep, budget="auto", source="lookup")
+    assert out_lk.source[:, 1].sum() > N // 2 and 0.1 < out_lk.head_acceptance[0] < 0.9
+    tv_both = _tv(looked, exact_rep)
+    monkeypatch.setattr(loop, "make_mode", lambda dc, costs=None: (
+        _PeekingVerify(dc, costs) if dc.mode == "verify" else make_mode(dc, costs)))
+    tv_peek = _tv(_samples(model, heads, "verify", sc, prompt, budget="auto")[0], exact)
+    print(f"TV to the exact law: ar {tv_ar:.3f}, verify (draft layer, budget) {tv_verify:.3f}, with context "
+          f"drafts {tv_both:.3f}, unverified {tv_blind:.3f}, peeking budget {tv_peek:.3f}; drafts fed per pass "
+          f"{fed.tolist()}")
+    assert tv_verify < 1.5 * tv_ar and tv_both < 1.5 * tv_ar_rep
+    assert tv_blind > 3 * tv_ar
+    assert tv_peek > 2 * tv_ar

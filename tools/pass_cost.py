@@ -8,6 +8,10 @@ which is what the speed of every mode is built from. Both layouts read the same 
 (A/B/A/B) and reports medians, so load on a shared machine hits both alike.
 
   python tools/pass_cost.py --geometry qwen2.5-0.5b --k 4
+  python tools/pass_cost.py --table-only [--remeasure]   # the table verify's draft budget reads
+
+The first thing printed is this machine's pass-cost table (clp_jax/decode/pass_costs.py: the one `verify`'s draft
+budget and the decoder's cost statistics read), from the cache or measured now.
 """
 
 from __future__ import annotations
@@ -21,16 +25,23 @@ import numpy as np
 from flax import nnx
 
 from clp_jax.bench.roofline import read_bandwidth, roofline
+from clp_jax.decode import pass_costs
 from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.verify import GAP
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.model.config import known_geometry
 from clp_jax.model.kv_cache import init_cache
-from clp_jax.model.qwen2 import Qwen2, abstract_model, padded_width
+from clp_jax.model.qwen2 import Qwen2, abstract_model, padded_width, resolve_layout
 
 GEOMETRIES = {"qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
               "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct"}
 LAYOUTS = ("rows", "cols")
 MODES = ("ar", "clp", "verify", "confadapt")
+
+
+def qwen2_layout(model: Qwen2) -> str:
+    """The layout this backend decodes with by default."""
+    return resolve_layout(model.cfg.replace(matmul_layout="auto"))
 
 
 def with_layout(model: Qwen2, layout: str) -> Qwen2:
@@ -122,6 +133,22 @@ def draft_cost(model: Qwen2, heads, k: int, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def real_table(args) -> None:
+    """The pass-cost table decode.py and the bench read for a real backbone and its heads."""
+    from clp_jax.decode import options
+    from clp_jax.weights import loading
+
+    backbone = loading.load_backbone(args.model, dtype=args.dtype)
+    heads = options.build_heads(options.heads_source(args.heads, args.model, "verify"), backbone.cfg)
+    dec = Decoder(backbone.model, heads, DecodeConfig(mode="verify", k=min(args.k, heads.cfg.k)),
+                  remeasure_costs=args.remeasure)
+    table = dec.costs(args.batch)
+    key = pass_costs.table_key(backbone.model, args.batch)
+    print(f"device {key['device']}, {backbone.source} ({key['layout']}, {key['dtype']}), heads "
+          f"{pass_costs.drafter_signature(dec._heads)}, batch {args.batch}, k {dec.dc.k}; "
+          f"{pass_costs.table_path(key)}\n{table.format()}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--geometry", default="qwen2.5-0.5b", choices=sorted(GEOMETRIES))
@@ -138,7 +165,15 @@ def main():
     p.add_argument("--no-roofline", action="store_true")
     p.add_argument("--heads-kind", default="medusa", choices=("medusa", "draft_layer"),
                    help="drafter of the mode table; the drafting cost of both kinds is printed either way")
+    p.add_argument("--table-only", action="store_true", help="print the pass-cost table and stop")
+    p.add_argument("--model", default=None,
+                   help="print the table of this backbone ('demo', a .gguf, an HF directory) with its shipped or "
+                        "--heads heads (what decode.py reads) and stop; default: a random model of --geometry")
+    p.add_argument("--heads", default=None, help="with --model: a heads checkpoint (default: the shipped heads)")
+    p.add_argument("--remeasure", action="store_true", help="measure the pass-cost table again (else cached)")
     args = p.parse_args()
+    if args.model:
+        return real_table(args)
     cfg = known_geometry(GEOMETRIES[args.geometry], dtype=args.dtype, param_dtype=args.dtype)
     base = Qwen2(cfg, rngs=nnx.Rngs(0))
     models = {layout: with_layout(base, layout) for layout in LAYOUTS}
@@ -152,6 +187,14 @@ def main():
     heads = make_heads(args.heads_kind)
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), {args.geometry}, {args.dtype}, "
           f"batch {args.batch}, k {args.k}; medians of interleaved repeats (rows/cols alternate)")
+    default = qwen2_layout(base)
+    W = args.k + 1
+    table = pass_costs.load_or_measure(models[default], heads, max_width=W, draft_widths=(1, W, GAP + W),
+                                       batch=args.batch, remeasure=args.remeasure)
+    print(f"\npass-cost table ({default} layout, {args.heads_kind} drafter; "
+          f"{pass_costs.table_path(pass_costs.table_key(models[default], args.batch))}):\n{table.format()}")
+    if args.table_only:
+        return
 
     extra = [int(w) for w in args.extra_widths.split(",") if w]
     widths = list(range(1, args.k + 2)) + [w for w in extra if w > args.k + 1]

@@ -16,7 +16,8 @@ def markdown(report: dict) -> str:
     ar = modes["ar"]
     he = "pass_at_1" in ar
     cols = ["mode", "tokens/s", "speedup", "speedup e2e", "tokens/pass", "head acceptance", "exact match",
-            "rep-2/3/4"] + (["pass@1"] if he else []) + ["compile s", "memory GB"]
+            "rep-2/3/4"] + (["pass@1"] if he else []) + ["drafts fed per pass (0/1/..)", "cost/token", "compile s",
+                                                       "memory GB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for label, m in modes.items():
         name = PEER_NAMES.get(label, label)
@@ -26,9 +27,23 @@ def markdown(report: dict) -> str:
                "/".join(f"{m[f'rep{n}']:.2f}" for n in (2, 3, 4))]
         if he:
             row.append(_fmt(m.get("pass_at_1")))
-        row += [_fmt(m.get("compile_seconds"), ".1f"),
+        pol = m.get("policy")
+        row += [_fed(pol) if label.startswith("verify") else "-", _fmt(pol and pol["cost_per_token"], ".3f"),
+                _fmt(m.get("compile_seconds"), ".1f"),
                 _fmt(m["memory_bytes"] / 1e9 if "memory_bytes" in m else None)]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Per prompt set (speedup / tokens per pass / exact match; verify: share of ar-cost passes, "
+              "drafts fed per pass):", "",
+              "| mode | " + " | ".join(sets := list(ar["sets"])) + " |", "|" + "---|" * (len(sets) + 1)]
+    for label, m in modes.items():
+        cells = []
+        for name in sets:
+            x = m["sets"][name]
+            cell = f"{x['speedup']:.2f}x / {x['tokens_per_pass']:.2f} / {x['exact_match']:.2f}"
+            if label.startswith("verify") and x.get("policy"):
+                cell += f"; ar-cost {100 * x['policy']['ar_cost_share']:.0f}%, {x['policy']['drafts_per_pass']:.2f}"
+            cells.append(cell)
+        lines.append(f"| {PEER_NAMES.get(label, label)} | " + " | ".join(cells) + " |")
     rf = meta["roofline"]
     mach = meta["machine"]
     prompts = ", ".join(f"{n} {name}" for name, n in meta["prompts"].items())
@@ -38,14 +53,24 @@ def markdown(report: dict) -> str:
         f"cores), jax {mach['jax']}; backbone {os.path.basename(str(meta['backbone']))} ({meta['dtype']}), "
         f"k={meta['k']}, {prompts} prompts, {meta['max_new_tokens']} new tokens, batch 1, greedy.",
         "Speedup = decode tokens/s over `ar`'s (transformers peers: end to end, marked e2e); exact match = "
-        "prompts whose tokens equal `ar`'s; memory = XLA's arguments + temporaries of the decoding loop.",
+        "prompts whose tokens equal `ar`'s; memory = XLA's arguments + temporaries of the decoding loop; "
+        "drafts fed per pass = share of passes feeding 0, 1, .. drafts (0 = an ar-cost pass); cost/token = "
+        "the loop's cost per generated token in one-slot passes from the pass-cost table (ar: 1.000).",
         f"`ar` roofline: {rf['weight_bytes_per_pass'] / 1e9:.2f} GB of weights per pass / "
         f"{rf['bandwidth_gb_s']:.1f} GB/s measured read bandwidth (median; p10-p90 "
         f"{rf['bandwidth_p10_p90_gb_s'][0]:.1f}-{rf['bandwidth_p10_p90_gb_s'][1]:.1f}) = {rf['roofline_ms_per_pass']:.1f} ms; "
         f"measured {rf['measured_ms_per_pass']:.1f} ms per pass = {100 * rf['fraction_of_roofline']:.0f}% of the roofline "
         f"({100 * rf['fraction_p10_p90'][0]:.0f}-{100 * rf['fraction_p10_p90'][1]:.0f}% across the bandwidth's spread).",
     ]
+    if meta.get("pass_costs"):
+        foot.append("Pass costs (this machine, batch 1): " + meta["pass_costs"]["text"].replace("\n", "; ") + ".")
     return "\n".join(lines + foot) + "\n"
+
+
+def _fed(pol: dict | None) -> str:
+    if not pol:
+        return "-"
+    return "/".join(f"{100 * x:.0f}" for x in pol["fed_share"]) + "%"
 
 
 def plots(report: dict, out_dir: str) -> list[str]:

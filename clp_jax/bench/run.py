@@ -31,7 +31,8 @@ from clp_jax.bench import quality, roofline
 from clp_jax.bench import report as bench_report
 from clp_jax.bench.peers import PEERS, TransformersPeer
 from clp_jax.decode import options
-from clp_jax.decode.loop import DecodeConfig, Decoder, _bucket, MIN_PROMPT_BUCKET
+from clp_jax.decode.loop import DRAFT_BUDGETS, DRAFT_SOURCES, DecodeConfig, DecodeResult, Decoder, _bucket, MIN_PROMPT_BUCKET
+from clp_jax.decode.report import policy
 from clp_jax.decode.prompts import CHAT_PROMPTS, encode
 from clp_jax.drafting.heads import param_summary
 from clp_jax.model.numerics import acceptance_ratio
@@ -61,6 +62,7 @@ class Run:
     passes: int  # backbone forward passes, prefill included
     offered: np.ndarray | None = None  # [k] drafts offered per head position
     accepted: np.ndarray | None = None
+    result: DecodeResult | None = None  # the decoder's own record (policy statistics; None for the peers)
 
 
 def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Sample]:
@@ -74,15 +76,34 @@ def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Samp
     return samples
 
 
+def verify_variant(spec: str) -> dict:
+    """'BUDGET' or 'BUDGET-SOURCE' (e.g. 'auto', 'fixed-heads') -> DecodeConfig fields."""
+    budget, _, source = spec.partition("-")
+    if budget not in DRAFT_BUDGETS or (source and source not in DRAFT_SOURCES):
+        raise ValueError(f"--verify-variants entry {spec!r}: expected BUDGET or BUDGET-SOURCE with BUDGET one of "
+                         f"{', '.join(DRAFT_BUDGETS)} and SOURCE one of {', '.join(DRAFT_SOURCES)}.")
+    return {"draft_budget": budget, **({"draft_source": source} if source else {})}
+
+
 def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int,
-                 verify_ks: Sequence[int] = (), clp_confidences: Sequence[float] = ()) -> dict[str, DecodeConfig]:
-    """Label -> DecodeConfig; confadapt runs once per tau, verify also at each of `verify_ks` heads, clp
-    also with each CLP confidence margin."""
+                 verify_ks: Sequence[int] = (), clp_confidences: Sequence[float] = (),
+                 variants: Sequence[str] = ("auto", "fixed")) -> dict[str, DecodeConfig]:
+    """Label -> DecodeConfig; confadapt runs once per tau, verify once per variant (`verify` is the first,
+    the others `verify@VARIANT`) and also at each of `verify_ks` heads (`verify@k3`, `verify@k3-VARIANT`),
+    clp also with each CLP confidence margin."""
     out = {}
+
+    def verify(label, kk):
+        for i, v in enumerate(variants):
+            name = label if i == 0 else (f"{label}-{v}" if "@" in label else f"{label}@{v}")
+            out[name] = DecodeConfig(mode="verify", k=kk, max_new_tokens=max_new_tokens, **verify_variant(v))
+
     for mode in ("ar",) + tuple(m for m in modes if m != "ar"):
         if mode == "confadapt":
             for tau in taus:
                 out[f"confadapt@{tau:g}"] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens, tau=tau)
+        elif mode == "verify":
+            verify("verify", k)
         else:
             out[mode] = DecodeConfig(mode=mode, k=k, max_new_tokens=max_new_tokens)
         if mode == "clp":
@@ -91,8 +112,18 @@ def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_to
         if mode == "verify":
             for kk in verify_ks:
                 if kk != k:
-                    out[f"verify@k{kk}"] = DecodeConfig(mode=mode, k=kk, max_new_tokens=max_new_tokens)
+                    verify(f"verify@k{kk}", kk)
     return out
+
+
+def _costs_of(decoders: dict) -> dict | None:
+    """The pass-cost table the verify rows read (batch 1), for the report."""
+    for d in decoders.values():
+        if d.dc.mode == "verify":
+            c = d.costs(1)
+            return {"width": list(c.width), "draft_first": list(c.draft_first), "draft_step": c.draft_step,
+                    "ms": c.ms, "text": c.format()}
+    return None
 
 
 def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
@@ -108,7 +139,7 @@ def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
 def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
     res = decoder.generate([ids])
     return Run(res.tokens[0], res.decode_seconds, res.prefill_seconds + res.decode_seconds,
-               int(res.passes.sum()), res.offered.sum(0), res.accepted.sum(0))
+               int(res.passes.sum()), res.offered.sum(0), res.accepted.sum(0), res)
 
 
 def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | None) -> dict:
@@ -131,6 +162,8 @@ def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | 
         offered = sum(r.offered for r in runs)
         accepted = sum(r.accepted for r in runs)
         out["head_acceptance"] = acceptance_ratio(accepted, offered).round(4).tolist()
+    if runs[0].result is not None:
+        out["policy"] = policy([r.result for r in runs])
     for n in (2, 3, 4):
         out[f"rep{n}"] = float(np.mean([quality.rep_n(r.tokens, n) for r in runs]))
     if passed is not None:
@@ -150,6 +183,10 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="ar,clp,verify,confadapt,gate")
     p.add_argument("--taus", default="0.5,0.7,0.9", help="confadapt thresholds (a sweep)")
     p.add_argument("--verify-ks", default="", help="also run verify with these numbers of heads, e.g. 1,2")
+    p.add_argument("--verify-variants", default="auto,fixed-heads",
+                   help="verify's draft budget and source, one row each, BUDGET[-SOURCE] (budgets: auto, fixed, "
+                        "clp; sources: heads, lookup, both; default source: decode.py's): the first is `verify`, "
+                        "the others `verify@VARIANT`")
     p.add_argument("--clp-confidences", default="", help="also run clp with these confidence margins, e.g. 0.5")
     p.add_argument("--peers", default="hf_greedy,hf_lookup", help="transformers peers, or 'none'")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_lookup")
@@ -188,6 +225,11 @@ def run(args) -> int:
     if not sets:
         raise ValueError("--sets names no prompt set.")
     taus = [float(t) for t in _split(args.taus)]
+    variants = _split(args.verify_variants)
+    if not variants:
+        raise ValueError("--verify-variants names no variant.")
+    for v in variants:
+        verify_variant(v)
     mtp = [m for m in modes if m != "ar"]
     options.check_decode_args(args)
     heads_src = options.heads_source(args.heads, args.model, mtp[0] if mtp else "ar", args.k)
@@ -199,7 +241,7 @@ def run(args) -> int:
     if heads is not None and any(not 1 <= x <= heads.cfg.k for x in verify_ks):
         raise ValueError(f"--verify-ks must lie in 1..{heads.cfg.k} (the heads provided).")
     configs = mode_configs(modes, taus, k, args.max_new_tokens, verify_ks,
-                           [float(c) for c in _split(args.clp_confidences)])
+                           [float(c) for c in _split(args.clp_confidences)], variants)
     report = measure(backbone, heads, samples, configs, peers, lookup_tokens=args.lookup_tokens,
                      timeout=args.timeout, progress=not args.no_progress)
     report["meta"].update(command=args.command, dtype=args.dtype, heads=heads_src)
@@ -262,8 +304,8 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
             idx = [i for i, s in enumerate(samples) if s.set == name]
             sub = summarize([rs[i] for i in idx], [runs["ar"][i] for i in idx],
                             [passed[he.index(i)] for i in idx] if name == "humaneval" else None)
-            m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass")
-                               + (("pass_at_1",) if "pass_at_1" in sub else ())}
+            m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass", "policy",
+                                                         "pass_at_1") if key in sub}
         if label in decoders:
             m["compile_seconds"] = decoders[label].compile_seconds
             m["memory_bytes"] = decoders[label].memory_bytes()
@@ -283,6 +325,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         "prompts": {name: sum(s.set == name for s in samples) for name in sets},
         "max_new_tokens": max_new_tokens, "lookup_tokens": lookup_tokens,
         "roofline": roofline.roofline(backbone.model, ar_pass),
+        "pass_costs": _costs_of(decoders),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     return {"meta": meta, "modes": results}

@@ -1,21 +1,16 @@
 """One jit-compiled `lax.while_loop` decoder for every mode: ar, clp, verify, confadapt and gate.
 
-Each loop step feeds a static-width chunk of W = k+1 slots per row (1 for `ar`) at that row's own
+Each loop step feeds a static-width chunk of up to W = k+1 slots per row (1 for `ar`) at that row's own
 positions: the committed tokens whose keys/values are not cached yet, followed (in `verify`) by the
 drafts to check. Slots beyond a row's count are fed but harmless: they lie above every valid query
 position, so causal masking hides them, and the next step overwrites them. Each row then commits a
-variable number of tokens (1 .. k+1) into its token buffer.
+variable number of tokens (1 .. k+1) into its token buffer. With an adaptive width, each step runs at
+the widest row's need (a `lax.switch` over widths 1..W), so a pass feeding no drafts costs an `ar` pass.
 
-  * ar        commit t1 = argmax LM(h_n)                  (or a sample)
-  * clp       commit t1 and the first L head tokens, L = argmax CLP(h_n)
-  * confadapt commit t1 and the longest prefix of head tokens whose top-1 probability >= tau
-  * gate      prior design: heads predict n+1..n+k, an MLP gate accepts a prefix; head 1 replaces t1
-  * verify    lossless: drafts are fed with the next pass, the backbone checks them, the longest
-              matching prefix plus the backbone's own next token is committed (speculative
-              sampling when temperature > 0, so the output distribution equals `ar`'s)
-
-Prefill is its own jitted function and ends with the same `Advance` (decode/modes.py) as a loop step. Prompt lengths
-and batch sizes are bucketed (powers of two), so a session compiles a handful of programs.
+What each mode drafts, feeds and commits is its own object (decode/modes.py, decode/verify.py); the shared
+tail after every pass is `Advance` (decode/advance.py). Prefill is its own jitted function and ends with the
+same `Advance` as a loop step. Prompt lengths and batch sizes are bucketed (powers of two), so a session
+compiles a handful of programs.
 """
 
 from __future__ import annotations
@@ -30,8 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clp_jax.decode.modes import Advance, Step
-from clp_jax.decode.state import MODES, DecodeConfig, DecodeState  # noqa: F401  (the public names)
+from clp_jax.decode import pass_costs
+from clp_jax.decode.advance import Advance, init_stats
+from clp_jax.decode.modes import Step, make_mode
+from clp_jax.decode.state import DRAFT_BUDGETS, DRAFT_SOURCES, MODES, DecodeConfig, DecodeState  # noqa: F401
+from clp_jax.decode.verify import GAP
 from clp_jax.model.kv_cache import init_cache
 from clp_jax.model.numerics import acceptance_ratio
 from clp_jax.model.qwen2 import Qwen2
@@ -47,6 +45,14 @@ class DecodeResult:
     accepted: np.ndarray  # [B, k]
     prefill_seconds: float  # compilation excluded
     decode_seconds: float  # compilation excluded
+    # loop passes only (prefill excluded), per row: passes at each fed width [B, W], drafts fed per pass
+    # [B, k+1] (verify's budget: index 0 = ar-cost passes), draft steps run [B], cost in one-slot passes
+    # from the pass-cost table [B] (ar: its passes), drafts fed by source [B, 2] (heads, lookup)
+    widths: np.ndarray | None = None
+    fed: np.ndarray | None = None
+    draft_steps: np.ndarray | None = None
+    cost: np.ndarray | None = None
+    source: np.ndarray | None = None
     # DecodeConfig.record_hidden / record_topk: per prompt, arrays over positions 0 .. len(prompt + tokens)
     hidden: list[np.ndarray] | None = None  # [L, D] bf16
     topk_ids: list[np.ndarray] | None = None  # [L, K] (rows before the last prompt position are zero)
@@ -70,11 +76,31 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-class Decoder:
-    """Compiles and runs the decoder for one backbone, one set of heads and one DecodeConfig."""
+def _compute_dtype_heads(heads, dtype):
+    """The heads' parameters cast once to the backbone's compute dtype on CPU: XLA:CPU does not fuse a
+    weight conversion into its dots, so bf16 heads would pay a cast of every weight at every draft step
+    (measured ~3x the drafting time). Elsewhere low-precision weights stay (they halve the bytes read)."""
+    if heads is None or jax.default_backend() != "cpu":
+        return heads
+    state = nnx.state(heads, nnx.Param)
+    if all(x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(state)):
+        return heads
+    graphdef, params, rest = nnx.split(heads, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return nnx.merge(graphdef, params, rest)
 
-    def __init__(self, model: Qwen2, heads, dc: DecodeConfig, eos_ids: Sequence[int] = ()):
+
+class Decoder:
+    """Compiles and runs the decoder for one backbone, one set of heads and one DecodeConfig.
+
+    `costs`: the pass-cost table (decode/pass_costs.py) verify's draft budget and the cost statistics read;
+    None: this machine's, from the on-disk cache or measured at first use (a few seconds, per batch bucket).
+    """
+
+    def __init__(self, model: Qwen2, heads, dc: DecodeConfig, eos_ids: Sequence[int] = (),
+                 costs: pass_costs.PassCosts | None = None, remeasure_costs: bool = False):
         cfg = model.cfg
+        mode = make_mode(dc)
         if dc.mode != "ar":
             if heads is None:
                 raise ValueError(f"Mode {dc.mode!r} needs MTP heads (--heads); only 'ar' runs without.")
@@ -89,16 +115,43 @@ class Decoder:
             if dc.mode == "gate" and heads.gate is None:
                 raise ValueError("Mode 'gate' needs heads trained with the gate baseline (HeadsConfig.gate).")
         self.cfg, self.dc = cfg, dc
+        self.width = mode.width
+        self.slack = 2 * self.width + dc.k
         self.eos_ids = tuple(eos_ids)
+        self._model = model
+        self._heads = _compute_dtype_heads(heads, cfg.jnp_dtype) if dc.mode != "ar" else None
         self._model_def, self._model_state = nnx.split(model)
-        if heads is not None:
-            self._heads_def, self._heads_state = nnx.split(heads)
+        if self._heads is not None:
+            self._heads_def, self._heads_state = nnx.split(self._heads)
         else:
             self._heads_def, self._heads_state = None, None
-        self._advance = Advance(dc, self.eos_ids)
+        self._costs_given, self._remeasure = costs, remeasure_costs
+        self._costs: dict[int, pass_costs.PassCosts] = {}
         self._compiled: dict = {}
         self.num_compiles = 0
         self.compile_seconds = 0.0
+
+    # ------------------------------------------------------------------ costs and modes per batch bucket
+
+    def costs(self, batch: int = 1) -> pass_costs.PassCosts:
+        """The pass-cost table at this batch size (`ar` needs none: every pass is one slot)."""
+        if batch not in self._costs:
+            if self._costs_given is not None:
+                self._costs[batch] = self._costs_given
+            elif self.dc.mode == "ar":
+                self._costs[batch] = pass_costs.FLAT
+            else:
+                drafts = make_mode(self.dc).drafts
+                W = self.width
+                self._costs[batch] = pass_costs.load_or_measure(
+                    self._model, self._heads if drafts else None, max_width=W,
+                    draft_widths=(1, W, GAP + W) if drafts else (), batch=batch,
+                    remeasure=self._remeasure)
+        return self._costs[batch]
+
+    def _advance(self, batch: int) -> Advance:
+        costs = self.costs(batch)
+        return Advance(make_mode(self.dc, costs), costs, self.eos_ids, self.slack)
 
     # ------------------------------------------------------------------ jitted programs
 
@@ -112,30 +165,31 @@ class Decoder:
         B, P = tokens.shape
         S = self._capacity(P)
         k = self.dc.k
-        vq = self.cfg.vocab_size if (self.dc.mode == "verify" and not self.dc.sampling.greedy) else 0
+        advance = self._advance(B)
+        mode = advance.mode
         st = DecodeState(
             buf=jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens),
             length=prompt_len, fed=jnp.zeros((B,), jnp.int32), n_draft=jnp.zeros((B,), jnp.int32),
-            draft_q=jnp.zeros((B, k if vq else 0, vq), jnp.float32), prompt_len=prompt_len, done=done,
-            rng=rng, steps=jnp.zeros((), jnp.int32), passes=jnp.zeros((B,), jnp.int32),
-            offered=jnp.zeros((B, k), jnp.int32), accepted=jnp.zeros((B, k), jnp.int32),
-            cache=init_cache(self.cfg, B, S),
-            draft_cache=() if heads is None else heads.init_cache(B, S, self.cfg.jnp_dtype),
+            prompt_len=prompt_len, done=done, rng=rng, steps=jnp.zeros((), jnp.int32),
+            passes=jnp.zeros((B,), jnp.int32), offered=jnp.zeros((B, k), jnp.int32),
+            accepted=jnp.zeros((B, k), jnp.int32), cache=init_cache(self.cfg, B, S),
+            mode_state=mode.init_state(B, S, model, heads), stats=init_stats(B, self.width, k),
             rec_hidden=jnp.zeros((B, S if self.dc.record_hidden else 0, self.cfg.hidden_size), jnp.bfloat16),
             rec_topk_ids=jnp.zeros((B, S if self.dc.record_topk else 0, self.dc.record_topk), jnp.int32),
             rec_topk_probs=jnp.zeros((B, S if self.dc.record_topk else 0, self.dc.record_topk), jnp.float32))
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         hidden, cache = model(tokens, positions, st.cache)
         st = st.replace(cache=cache)
-        kernel = None if heads is None else heads.draft_kernel(model)
-        return self._advance(model, heads, st, Step(hidden, tokens, positions, prompt_len - 1, kernel))
+        kernel = heads.draft_kernel(model) if mode.drafts else None
+        return advance(model, heads, st, Step(hidden, tokens, positions, prompt_len - 1, kernel, prefill=True))
 
     def _run_impl(self, model_state, heads_state, st: DecodeState, stop_at):
         model, heads = self._merge(model_state, heads_state)
-        W = self.dc.width
-        S = st.buf.shape[1]
+        W = self.width
+        B, S = st.buf.shape
+        advance = self._advance(B)
         # the drafters' output rows [U, D], gathered once here rather than in every loop step
-        kernel = None if (heads is None or self.dc.mode in ("ar", "gate")) else heads.draft_kernel(model)
+        kernel = heads.draft_kernel(model) if advance.mode.drafts else None
 
         def cond(s):
             return (s.steps < stop_at) & ~jnp.all(s.done)
@@ -145,10 +199,10 @@ class Decoder:
             chunk = jnp.take_along_axis(s.buf, jnp.clip(positions, 0, S - 1), axis=1)
             hidden, cache = model(chunk, positions, s.cache)
             s = s.replace(cache=cache)
-            return self._advance(model, heads, s, Step(hidden, chunk, positions, s.length - s.fed - 1, kernel))
+            return advance(model, heads, s, Step(hidden, chunk, positions, s.length - s.fed - 1, kernel))
 
         def body(s):
-            if self.dc.adaptive_width and W > 1:
+            if self.dc.adaptive and W > 1:
                 count = jnp.where(s.done, 1, s.length - s.fed + s.n_draft)  # slots each row needs
                 branch = jnp.clip(jnp.max(count), 1, W) - 1
                 s = jax.lax.switch(branch, [functools.partial(feed, w=w) for w in range(1, W + 1)], s)
@@ -181,7 +235,7 @@ class Decoder:
     # ------------------------------------------------------------------ host API
 
     def _capacity(self, prompt_bucket: int) -> int:
-        need = prompt_bucket + self.dc.max_new_tokens + self.dc.slack
+        need = prompt_bucket + self.dc.max_new_tokens + self.slack
         return -(-need // 64) * 64  # round up: fewer distinct shapes
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -192,11 +246,11 @@ class Decoder:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"Prompt {i} is empty.")
-            if len(p) + self.dc.slack > limit:
+            if len(p) + self.slack > limit:
                 raise ValueError(f"Prompt {i} has {len(p)} tokens, more than the cache holds "
-                                 f"({limit} positions incl. {self.dc.slack} for one step); "
+                                 f"({limit} positions incl. {self.slack} for one step); "
                                  "shorten it or raise --max-cache-len.")
-            if len(p) + self.dc.max_new_tokens + self.dc.slack > limit:
+            if len(p) + self.dc.max_new_tokens + self.slack > limit:
                 raise ValueError(f"Prompt {i} ({len(p)} tokens) + max_new_tokens "
                                  f"({self.dc.max_new_tokens}) exceeds the cache ({limit} positions); "
                                  "lower --max-new-tokens or raise --max-cache-len.")
@@ -213,12 +267,14 @@ class Decoder:
             p = prompts[i] if i < n else prompts[0]
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
+        self.costs(B)  # measured here (first use on this machine), not while tracing
         args = (self._model_state, self._heads_state, jnp.asarray(tokens), jnp.asarray(lengths),
                 jnp.asarray(np.arange(B) >= n), jax.random.key(seed))
         return self._get("prefill", self._prefill_impl, (), args)(*args)
 
     def advance(self, st: DecodeState, max_steps: int) -> DecodeState:
         """Runs up to max_steps loop iterations (fewer if every row finishes). Donates `st`."""
+        self.costs(st.buf.shape[0])
         args = (self._model_state, self._heads_state, st, st.steps + max_steps)
         return self._get("run", self._run_impl, (2,), args)(*args)
 
@@ -228,6 +284,7 @@ class Decoder:
 
     def generate(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> DecodeResult:
         """Decodes every prompt to completion in one loop call."""
+        self.costs(_bucket(len(prompts), 1))  # first use on this machine: measured before the clock starts
         c0 = self.compile_seconds
         t0 = time.perf_counter()
         st = self.start(prompts, seed)
@@ -239,7 +296,8 @@ class Decoder:
         return self.result_of(st, len(prompts), (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1))
 
     def result_of(self, st: DecodeState, n: int, prefill_seconds: float, decode_seconds: float) -> DecodeResult:
-        passes, offered, accepted, length = jax.device_get((st.passes, st.offered, st.accepted, st.length))
+        passes, offered, accepted, length, stats = jax.device_get(
+            (st.passes, st.offered, st.accepted, st.length, st.stats))
         recs = {}
         for name in ("hidden", "topk_ids", "topk_probs"):
             arr = getattr(st, f"rec_{name}")
@@ -247,7 +305,9 @@ class Decoder:
                 arr = np.asarray(jax.device_get(arr))
                 recs[name] = [arr[i, :length[i]] for i in range(n)]
         return DecodeResult(self.tokens_of(st, n), passes[:n], offered[:n], accepted[:n],
-                            prefill_seconds, decode_seconds, **recs)
+                            prefill_seconds, decode_seconds, widths=stats["width"][:n], fed=stats["fed"][:n],
+                            draft_steps=stats["draft_steps"][:n], cost=stats["cost"][:n],
+                            source=stats["source"][:n], **recs)
 
     def stream(self, prompts: Sequence[Sequence[int]], seed: int = 0,
                steps_per_call: int = 4) -> Iterator[tuple[list[list[int]], DecodeState]]:

@@ -64,6 +64,11 @@ def check_decode_args(args) -> None:
     check_range("--tau", getattr(args, "tau", None), low=0, high=1, hint="It is a probability (default 0.9).")
     check_range("--clp-confidence", getattr(args, "clp_confidence", None), low=0, low_open=True, high=1)
     check_range("--batch-size", getattr(args, "batch_size", None), low=1)
+    check_range("--limit", getattr(args, "limit", None), low=1, hint="Omit --limit to run every prompt.")
+    if getattr(args, "temperature", None) == 0 and (getattr(args, "top_p", 1.0) < 1.0 or getattr(args, "top_k", 0) > 0):
+        flag = f"--top-p {args.top_p}" if args.top_p < 1.0 else f"--top-k {args.top_k}"
+        raise UsageError(f"{flag} filters sampling, but --temperature is 0 (greedy decoding, which ignores it): "
+                         "add --temperature, e.g. --temperature 0.7.")
     for i, prompt in enumerate(getattr(args, "prompt", None) or []):
         if not prompt.strip():
             raise UsageError(f"--prompt number {i + 1} is empty: give some text to continue.")
@@ -110,7 +115,8 @@ def build_heads(source: str | None, backbone_cfg: ModelConfig, k: int | None = N
 
 def default_k(heads: Heads | None, backbone_cfg: ModelConfig, batch: int = 1) -> int:
     """decode.py's k when --k is not given: all the heads provide, less any head whose slot would pad
-    the pass to a costlier width (on CPU under cols: 3 of 4; on accelerators: all)."""
+    the pass to a costlier width (on CPU under cols: 3 of 4; on accelerators: all). The draft budget
+    would rarely feed that slot, and each width is one more branch to compile."""
     if heads is None:
         return 1
     return unpadded_k(backbone_cfg, batch, heads.cfg.k)

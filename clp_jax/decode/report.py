@@ -8,12 +8,13 @@ from typing import Sequence
 
 import numpy as np
 
-from clp_jax.decode.loop import Decoder, DecodeResult
+from clp_jax.decode.loop import Decoder, DecodeResult, _bucket
 from clp_jax.decode.prompts import encode
 
 
 def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=sys.stdout) -> DecodeResult:
     """Decodes one prompt, printing text as tokens commit; timings exclude compilation."""
+    decoder.costs(1)  # first use on this machine: measured before the clock starts
     compile0, t0 = decoder.compile_seconds, time.perf_counter()
     printed, first, st, tokens = "", None, None, [[]]
     for tokens, st in decoder.stream([prompt], seed=seed):
@@ -29,6 +30,31 @@ def stream_one(decoder: Decoder, tok, prompt: Sequence[int], seed: int = 0, out=
     return decoder.result_of(st, 1, first, total - first)
 
 
+def policy(results: Sequence[DecodeResult]) -> dict:
+    """How the drafts were budgeted over some results: drafts fed per pass (shares, index = drafts), the share
+    of ar-cost passes (no draft fed), the fed drafts' sources, and the run's cost per generated token in
+    one-slot passes from the pass-cost table (ar: 1.0; loop passes and their tokens, the prefill excluded)."""
+    fed = sum(r.fed.sum(0) for r in results)
+    source = sum(r.source.sum(0) for r in results)
+    passes = max(int(fed.sum()), 1)
+    tokens = sum(r.num_tokens - len(r.tokens) for r in results)  # the prefill commits each row's first token
+    return {"fed_share": [round(float(x) / passes, 4) for x in fed], "ar_cost_share": round(float(fed[0]) / passes, 4),
+            "drafts_per_pass": round(float((fed * np.arange(len(fed))).sum()) / passes, 3),
+            "source_share": {"heads": round(float(source[0]) / max(int(source.sum()), 1), 4),
+                             "lookup": round(float(source[1]) / max(int(source.sum()), 1), 4)},
+            "draft_steps_per_pass": round(float(sum(r.draft_steps.sum() for r in results)) / passes, 3),
+            "cost_per_token": round(float(sum(r.cost.sum() for r in results)) / max(tokens, 1), 4)}
+
+
+def policy_line(results: Sequence[DecodeResult]) -> str:
+    p = policy(results)
+    hist = " ".join(f"{m}:{100 * f:.0f}%" for m, f in enumerate(p["fed_share"]))
+    src = p["source_share"]
+    return (f"drafts fed per pass {hist} (ar-cost passes {100 * p['ar_cost_share']:.0f}%; from heads "
+            f"{100 * src['heads']:.0f}%, lookup {100 * src['lookup']:.0f}%) | draft steps per pass "
+            f"{p['draft_steps_per_pass']:.2f} | measured cost {p['cost_per_token']:.3f} one-slot passes per token")
+
+
 def stats_line(mode: str, results: Sequence[DecodeResult], decoder: Decoder) -> str:
     tokens = sum(r.num_tokens for r in results)
     seconds = sum(r.decode_seconds + r.prefill_seconds for r in results)
@@ -37,9 +63,12 @@ def stats_line(mode: str, results: Sequence[DecodeResult], decoder: Decoder) -> 
     accepted = sum(r.accepted.sum(0) for r in results)
     acc = np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0)
     heads = " ".join(f"{a:.2f}" for a in acc) if mode != "ar" else "-"
-    return (f"[{mode}] {tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.2f} tokens/s | "
+    line = (f"[{mode}] {tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.2f} tokens/s | "
             f"{tokens / max(passes, 1):.2f} tokens per pass | head acceptance {heads} | "
             f"compile {decoder.compile_seconds:.1f} s")
+    if mode == "verify":
+        line += "\n[verify] " + policy_line(results)
+    return line
 
 
 def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
@@ -59,6 +88,8 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
 
     print(stats_line(decoder.dc.mode, mine, decoder))
     print(stats_line("ar", ref, ar))
+    if decoder.dc.mode == "verify":
+        print(decoder.costs(_bucket(len(batches[0]), 1)).format().replace("\n", " | "))
     print(f"speedup over ar (tokens/s ratio): {rate(mine, False) / rate(ref, False):.2f}x decode, "
           f"{rate(mine, True) / rate(ref, True):.2f}x end to end")
     print(f"exact match {np.mean(same):.2f} ({sum(same)}/{len(same)} prompts identical to ar)")

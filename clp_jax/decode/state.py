@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -10,6 +11,12 @@ from clp_jax.decode import sampling
 from clp_jax.model.kv_cache import LayerCache
 
 MODES = ("ar", "clp", "verify", "confadapt", "gate")
+# verify: how many drafts each pass feeds. "auto": the draft budget (decode/budget.py: drafts only while they
+# pay for their measured cost); "fixed": all k; "clp": the CLP's predicted number.
+DRAFT_BUDGETS = ("auto", "fixed", "clp")
+# verify: where drafts come from. "heads": the drafter; "lookup": a suffix match over the prompt and the
+# committed text (prompt lookup); "both": per step, the lookup's continuation where its match is long enough.
+DRAFT_SOURCES = ("heads", "lookup", "both")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,9 +30,11 @@ class DecodeConfig:
     # CLP's softmax (a conservative margin for weak heads)
     clp_confidence: float | None = None
     gate_threshold: float = 0.5  # gate: accept while sigmoid(gate logit) >= this
-    verify_drafts: str = "all"  # verify: feed all k drafts, or the CLP's predicted number ("clp")
-    adaptive_width: bool = False  # per step, feed only as many slots as the widest row needs
-    # (lax.switch over widths 1..k+1: k+1 times the compile time; pays where a wider pass costs more, e.g. CPU)
+    draft_budget: str = "auto"  # verify: DRAFT_BUDGETS
+    draft_source: str = "heads"  # verify: DRAFT_SOURCES
+    # per step, feed only as many slots as the widest row needs (lax.switch over widths 1..k+1: k+1 times the
+    # compile time; pays where a wider pass costs more, e.g. CPU). None: on with a varying budget (auto, clp)
+    adaptive_width: bool | None = None
     max_cache_len: int = 4096  # upper bound on prompt + generated tokens + one chunk
     # ar only: keep the trunk's hidden state of every position (bf16) and the top-`record_topk` of the
     # backbone's next-token distribution at every generated anchor, so self-distilled training records
@@ -40,8 +49,10 @@ class DecodeConfig:
             raise ValueError(f"k must be >= 1, got {self.k}.")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if self.verify_drafts not in ("all", "clp"):
-            raise ValueError(f"verify_drafts must be 'all' or 'clp', got {self.verify_drafts!r}.")
+        if self.draft_budget not in DRAFT_BUDGETS:
+            raise ValueError(f"draft_budget must be one of {', '.join(DRAFT_BUDGETS)}, got {self.draft_budget!r}.")
+        if self.draft_source not in DRAFT_SOURCES:
+            raise ValueError(f"draft_source must be one of {', '.join(DRAFT_SOURCES)}, got {self.draft_source!r}.")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}.")
         if self.clp_confidence is not None and not 0.0 < self.clp_confidence <= 1.0:
@@ -51,25 +62,24 @@ class DecodeConfig:
         if not 0 <= self.record_topk <= 64:
             raise ValueError(f"record_topk must be in 0..64, got {self.record_topk}.")
 
-    @property
-    def width(self) -> int:
-        """Slots fed per step."""
-        return 1 if self.mode == "ar" else self.k + 1
+    def replace(self, **kw) -> "DecodeConfig":
+        return dataclasses.replace(self, **kw)
 
     @property
-    def slack(self) -> int:
-        """Cache positions one step may touch beyond the committed length (commits, drafts, chunk)."""
-        return 2 * self.width + self.k
+    def adaptive(self) -> bool:
+        """Whether each step runs at the widest row's need (see `adaptive_width`)."""
+        if self.adaptive_width is not None:
+            return self.adaptive_width
+        return self.mode == "verify" and self.draft_budget != "fixed"
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    buf: jax.Array  # [B, S] prompt, committed tokens, then pending drafts (verify)
+    buf: jax.Array  # [B, S] prompt, committed tokens, then pending drafts (fed with the next chunk)
     length: jax.Array  # [B] committed tokens, prompt included
     fed: jax.Array  # [B] tokens whose keys/values are in the cache
-    n_draft: jax.Array  # [B] drafts stored after `length` (verify)
-    draft_q: jax.Array  # [B, k, V] distributions the drafts were sampled from (verify, T > 0)
+    n_draft: jax.Array  # [B] pending drafts stored after `length` (verify)
     prompt_len: jax.Array  # [B]
     done: jax.Array  # [B] bool
     rng: jax.Array
@@ -78,7 +88,11 @@ class DecodeState:
     offered: jax.Array  # [B, k] drafts offered at each head position
     accepted: jax.Array  # [B, k] drafts committed at each head position
     cache: tuple[LayerCache, ...]
-    draft_cache: tuple[LayerCache, ...]  # the draft layer's own cache (empty for Medusa heads)
+    mode_state: Any  # the mode's own state (decode/modes.py, `init_state`), e.g. the draft layer's KV cache
+    # per row, loop passes only (prefill excluded): passes run at each width [B, W], drafts fed [B, k+1]
+    # (verify), draft steps run [B], cost in one-slot passes from the pass-cost table [B], draft source
+    # of the fed drafts [B, 2] (heads, lookup)
+    stats: dict
     # DecodeConfig.record_hidden / record_topk (else zero-length): per position of the buffer
     rec_hidden: jax.Array  # [B, S, D] bf16 trunk state of the token at each position
     rec_topk_ids: jax.Array  # [B, S, K] int32 top-K next-token ids at each generated anchor
@@ -86,5 +100,3 @@ class DecodeState:
 
     def replace(self, **kw) -> "DecodeState":
         return dataclasses.replace(self, **kw)
-
-

@@ -1,0 +1,143 @@
+"""`verify`'s draft budget: how many drafts to compute and to feed, from confidences and measured costs.
+
+A row's next pass feeds m drafts after its bonus token (m+1 slots). With a_i the chance that drafts 1..i
+are all accepted, it commits 1 + sum_{i<=m} a_i tokens in expectation and costs P(m+1) + D (the pass at
+that width and the drafting spent; decode/pass_costs.py), so the budget feeds the m in 0..k that
+maximises the rate R(m) = (1 + A_m) / (P(m+1) + D); m = 0 is an `ar`-cost pass.
+
+* a_i = c'_1 ... c'_i, c'_j = min(1, f_j * c_j): c_j is draft j's calibrated top-1 probability
+  softmax(logits_j / T_j) (`Heads.calibration`, else DEFAULT_TEMPERATURE) and f_j a per-row correction
+  learnt online from the drafts this row has seen verified at depth j ((hits + PRIOR) / (sum c + PRIOR)).
+* The chain drafts one more step only while its look-ahead (the next drafts assumed as sure as the last,
+  one draft step each) beats the best rate it already has.
+* Whether to draft at all: each row keeps a running mean of what drafting gained it, in `ar` passes
+  (accepted drafts - extra pass cost - drafting cost); below zero the row stops drafting and decodes at
+  `ar` cost, drafting again every PROBE_EVERY tokens to check.
+
+Lossless with sampling: whether draft j is fed depends only on the distributions of drafts 1..j (which
+depend on the tokens drawn before j), never on the token drawn at j, so speculative sampling's acceptance
+test stays exact. Greedy output is `ar`'s whatever is fed, so greedy rows feed the argmax over the drafts
+computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_TEMPERATURE = 1.5  # uncalibrated heads: their first draft's 0.97 is right 0.75 of the time (DESIGN 8)
+PRIOR = 1.0  # pseudo-observations of the online confidence correction (trust the calibration at first)
+DISCOUNT = 0.9  # per observation, older verified drafts count less (the text changes)
+GAIN_INIT = 0.25  # drafting starts on
+GAIN_RATE = 0.3  # running mean of the gain: weight of the newest drafting pass
+PROBE_EVERY = 8  # a row that stopped drafting drafts again after this many committed tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per row: what the budget has learnt."""
+
+    hit: jax.Array  # [B, k] discounted count of verified drafts right at depth j (earlier ones right)
+    seen: jax.Array  # [B, k] discounted sum of those drafts' calibrated confidences
+    gain: jax.Array  # [B] running mean gain of drafting, in ar passes per drafting pass
+
+    @classmethod
+    def init(cls, B: int, k: int) -> "Stats":
+        return cls(jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.float32),
+                   jnp.full((B,), GAIN_INIT, jnp.float32))
+
+
+def confidence(logits: jax.Array, temperature) -> jax.Array:
+    """Calibrated top-1 probability of draft logits [..., V] (temperature: scalar or broadcastable)."""
+    logits = logits.astype(jnp.float32)
+    t = jnp.asarray(temperature, jnp.float32)
+    return jnp.exp(jnp.max(jax.nn.log_softmax(logits / t[..., None], -1), -1))
+
+
+class Budget:
+    """The rule, with this machine's costs baked in (static: one per compiled program).
+
+    Args:
+      widths: [k+1] cost of a pass feeding 1..k+1 slots per row (flat when the decoder does not adapt its width).
+      step: cost of one further draft step.
+      greedy: greedy rows feed the best m over the drafts computed; sampled rows feed the sequentially
+        accepted prefix (see the module docstring).
+    """
+
+    def __init__(self, widths, step: float, k: int, greedy: bool, temperatures=None):
+        self.P = np.asarray(widths, np.float32)[:k + 1]
+        assert self.P.shape == (k + 1,), self.P
+        self.s, self.k, self.greedy = float(step), k, greedy
+        t = DEFAULT_TEMPERATURE if temperatures is None else temperatures
+        self.T = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (k,))
+
+    def corrected(self, conf: jax.Array, stats: Stats) -> jax.Array:
+        """c' [B, j] from calibrated confidences [B, j] and the row's online correction."""
+        j = conf.shape[1]
+        f = (stats.hit[:, :j] + PRIOR) / (stats.seen[:, :j] + PRIOR)
+        return jnp.minimum(conf * f, 1.0)
+
+    def rates(self, c: jax.Array, D: jax.Array) -> jax.Array:
+        """R(m) for m = 0..j [B, j+1] from corrected confidences c [B, j] and sunk drafting cost D [B]."""
+        j = c.shape[1]
+        a = jnp.cumprod(c, axis=1)
+        tokens = 1.0 + jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, 1)], axis=1)  # [B, j+1]
+        return tokens / (jnp.asarray(self.P[:j + 1])[None, :] + D[:, None])
+
+    def lookahead(self, c: jax.Array, D: jax.Array) -> jax.Array:
+        """[B] the best rate over m > j if drafting on, each further draft as sure as the last (one step each)."""
+        j = c.shape[1]
+        if j >= self.k:
+            return jnp.full(c.shape[:1], -jnp.inf)
+        a = jnp.cumprod(c, axis=1)
+        A, last, sure = jnp.sum(a, 1), a[:, -1], c[:, -1]
+        best = jnp.full(c.shape[:1], -jnp.inf)
+        extra = jnp.zeros_like(A)
+        for t in range(1, self.k - j + 1):
+            extra = extra + last * sure ** t
+            best = jnp.maximum(best, (1.0 + A + extra) / (self.P[j + t] + D + t * self.s))
+        return best
+
+    def after_step(self, c: jax.Array, D: jax.Array, fed: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """After draft j (c [B, j]; D: drafting so far; fed: drafts 1..j-1 accepted for feeding so far):
+        (feed draft j [B], draft one more [B])."""
+        r = self.rates(c, D)  # [B, j+1]
+        ahead = self.lookahead(c, D)
+        before = jnp.max(r[:, :-1], axis=1)
+        feed = fed & (jnp.maximum(r[:, -1], ahead) >= before)
+        return feed, feed & (ahead > jnp.max(r, axis=1))
+
+    def choose(self, c: jax.Array, steps: jax.Array, D: jax.Array, fed: jax.Array) -> jax.Array:
+        """Drafts to feed [B]: greedy, the best m <= steps over all computed; sampled, the fed prefix."""
+        if not self.greedy:
+            return jnp.sum(fed, axis=1).astype(jnp.int32)
+        r = self.rates(c, D)
+        r = jnp.where(jnp.arange(self.k + 1)[None, :] <= steps[:, None], r, -jnp.inf)
+        return jnp.argmax(r, axis=1).astype(jnp.int32)
+
+    def observe(self, stats: Stats, conf: jax.Array, fed: jax.Array, n_acc: jax.Array,
+                extra: tuple[jax.Array, jax.Array, jax.Array], drafted: jax.Array, cost: jax.Array,
+                active: jax.Array) -> Stats:
+        """Updates a row's statistics after a pass verified its `fed` [B] drafts (confidences conf [B, k],
+        n_acc accepted). `extra` = (observed [B], right [B], conf [B]): the first draft when it was computed
+        but not fed, checked against the backbone's token for free. `drafted` [B]: the row drafted for this
+        pass, at `cost` [B] (drafting only)."""
+        k = self.k
+        j = jnp.arange(k)[None, :]
+        seen_now = (j < fed[:, None]) & (j <= n_acc[:, None])  # verified with every earlier draft right
+        right = (j < n_acc[:, None]).astype(jnp.float32)
+        obs, ok, c1 = extra
+        seen_now = seen_now.at[:, 0].set(seen_now[:, 0] | obs)
+        right = right.at[:, 0].set(jnp.where(obs, ok, right[:, 0]))
+        conf = conf.at[:, 0].set(jnp.where(obs, c1, conf[:, 0]))
+        upd = seen_now & active[:, None]
+        hit = jnp.where(upd, DISCOUNT * stats.hit + right, stats.hit)
+        seen = jnp.where(upd, DISCOUNT * stats.seen + conf, stats.seen)
+        extra_pass = jnp.asarray(self.P)[fed] - self.P[0]
+        g = n_acc.astype(jnp.float32) - extra_pass - cost
+        gain = jnp.where(drafted & active, (1 - GAIN_RATE) * stats.gain + GAIN_RATE * g, stats.gain)
+        return Stats(hit, seen, gain)

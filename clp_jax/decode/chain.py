@@ -1,0 +1,119 @@
+"""The drafter's chain, step by step, so that a budget can stop it early inside a jitted loop.
+
+The draft layer drafts autoregressively: step 1 runs over the fed chunk (writing its cache for the
+committed positions) and each further step over the draft just made. `run_chain` calls its `step` one
+draft at a time and runs a further step under `lax.cond` only while some row still wants one (on XLA:CPU
+a skipped step costs nothing; computing all k and feeding m costs every step). Drafters that draft
+all positions at once (Medusa heads, test doubles) are called once through `Heads.draft`.
+
+This is `DraftLayer.draft` (clp_jax/drafting/draft_layer.py) with a stopping rule; see the note there.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from clp_jax.decode.budget import confidence
+from clp_jax.drafting.draft_layer import DraftLayer
+
+
+class Chain(NamedTuple):
+    tokens: jax.Array  # [B, k] drafts (0 past a row's steps)
+    logits: jax.Array  # [B, k, V] their logits (0 past a row's steps)
+    conf: jax.Array  # [B, k] calibrated top-1 probabilities (0 past a row's steps)
+    fed: jax.Array  # [B, k] bool: the budget's sequential "feed draft j" (a prefix)
+    steps: jax.Array  # [B] int32 steps computed (each row's own; the batch runs the widest)
+    cost: jax.Array  # [B] float32 drafting cost spent, in one-slot passes
+    length_logits: jax.Array  # [B, k'+1] the CLP's logits at h_n
+    cache: tuple  # the drafter's cache
+
+
+# after_step(c [B, j], D [B], fed_before [B]) -> (feed draft j [B], draft one more [B])
+AfterStep = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# sample(j, logits [B, V]) -> tokens [B]; None: greedy
+Sample = Callable[[int, jax.Array], jax.Array] | None
+
+
+def has_chain(heads) -> bool:
+    """Whether the drafter drafts step by step (the draft layer)."""
+    return isinstance(getattr(heads, "drafter", None), DraftLayer)
+
+
+def draft_scores(heads, model, f: jax.Array, kernel, sample: Sample, j: int, T: jax.Array):
+    """One draft from features f [B, 1, D]: (logits over the full vocabulary [B, V] when sampling, else an
+    empty [B, 0]; token [B]; calibrated confidence [B]). Greedy drafts with a draft vocabulary score its U
+    ids alone (no scatter into V)."""
+    if sample is None and getattr(heads, "draft_vocab", None) is not None and kernel is not None:
+        sub = model.logits(f, kernel=kernel)[:, 0]  # [B, U]
+        token = heads.draft_vocab[...][jnp.argmax(sub, -1)]
+        return jnp.zeros(sub.shape[:1] + (0,)), token.astype(jnp.int32), confidence(sub, T)
+    logits = heads.draft_logits(model, f, kernel)[:, 0]  # [B, V]
+    token = jnp.argmax(logits, -1).astype(jnp.int32) if sample is None else sample(j, logits)
+    return (logits if sample is not None else jnp.zeros(logits.shape[:1] + (0,))), token, confidence(logits, T)
+
+
+def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cache, kernel, sample: Sample,
+              temperatures: jax.Array, after_step: AfterStep, first_cost: float, step_cost: float,
+              want: jax.Array) -> Chain:
+    """Drafts after each row's anchor slot of a fed chunk.
+
+    Args:
+      hidden: [B, W, D] the trunk's states of the chunk; next_tokens [B, W]; positions [B, W].
+      anchor: [B] the slot whose state is h_n.
+      sample: draws draft j's token from its logits (None: greedy).
+      temperatures: [k] confidence temperatures.
+      first_cost / step_cost: the table's cost of the first step over this chunk and of each further step.
+      want: [B] rows that draft at all (the others' results are computed, unused, and cost them nothing).
+    """
+    B = hidden.shape[0]
+    if not has_chain(heads):
+        pick = sample or (lambda j, logits: jnp.argmax(logits, -1).astype(jnp.int32))
+        d = heads.draft(model, hidden, next_tokens, positions, anchor, k, cache, pick, kernel)
+        conf = confidence(d.logits, temperatures[None, :])  # [B, k]
+        fed, go = [], want
+        steps = jnp.zeros((B,), jnp.int32)
+        for j in range(k):
+            steps = steps + go
+            f, go_next = after_step(conf[:, :j + 1], jnp.full((B,), first_cost), fed[-1] if fed else go)
+            fed.append(f & go)
+            go = go & go_next
+        live = jnp.arange(k)[None, :] < steps[:, None]
+        return Chain(jnp.where(live, d.tokens, 0), d.logits, jnp.where(live, conf, 0.0), jnp.stack(fed, 1), steps,
+                     jnp.where(want, first_cost, 0.0), d.length_logits, d.cache)
+
+    layer = heads.drafter
+    rows = jnp.arange(B)
+    feats, lc = layer.step(model, hidden, next_tokens, positions, cache[0])
+    f = feats[rows, anchor][:, None]  # [B, 1, D]
+    pos = positions[rows, anchor][:, None]  # [B, 1]
+    logits, token, c = draft_scores(heads, model, f, kernel, sample, 0, temperatures[0])
+    cost = jnp.where(want, first_cost, 0.0)
+    conf = [c]
+    feed, go = after_step(jnp.stack(conf, 1), cost, want)
+    go = go & want
+    out_t, out_l, fed, steps = [token], [logits], [feed], want.astype(jnp.int32)
+    for j in range(1, k):
+        def more(op, j=j):
+            f, lc, token = op
+            f, lc = layer.step(model, f, token[:, None], pos + j, lc)
+            return (f, lc) + draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
+
+        def stop(op):
+            f, lc, token = op
+            return f, lc, jnp.zeros_like(logits), token, jnp.zeros_like(conf[0])
+
+        f, lc, lg, token, c = jax.lax.cond(jnp.any(go), more, stop, (f, lc, token))
+        cost = cost + jnp.where(go, step_cost, 0.0)
+        steps = steps + go
+        conf.append(jnp.where(go, c, 0.0))
+        out_t.append(jnp.where(go, token, 0))
+        out_l.append(lg)
+        feed, go_next = after_step(jnp.stack(conf, 1), cost, feed & go)
+        fed.append(feed)
+        go = go & go_next
+    length_logits = heads.clp(hidden[rows, anchor])
+    return Chain(jnp.stack(out_t, 1), jnp.stack(out_l, 1), jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost,
+                 length_logits, (lc,))

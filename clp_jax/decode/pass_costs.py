@@ -1,0 +1,289 @@
+"""What a decoding pass costs on this machine: a table measured once per machine and backbone, cached on disk.
+
+`PassCosts.width[w-1]` is the cost of one backbone pass feeding w slots per row, relative to a one-slot pass
+(so `width[0] == 1.0`); `draft_first[w-1]` the drafter's first step over a w-slot chunk (the draft layer writes
+its cache for the whole chunk in it) and `draft_step` each further chained step, on the same scale. `verify`'s
+draft budget reads them to weigh one more draft against its cost, and the decoder adds them up per row, so a
+run's cost in `ar` passes is known exactly (`DecodeResult.cost`).
+
+Measurement (`measure`) times a shallow copy of the trunk (its first layers, same weights) and the output
+projection separately at each width, interleaved over rounds, and takes medians: cost(w) = head(w) +
+L/n * layers_n(w); on a loaded machine load hits every width alike. The drafter is timed the same way. Tables
+live under `cache_dir("pass_costs")`, one JSON file per device kind, backbone geometry, layout, dtype and batch;
+`load_or_measure` fills in what is missing and `remeasure=True` discards what is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clp_jax.decode.chain import draft_scores
+from clp_jax.drafting.draft_layer import DraftLayer
+from clp_jax.model.kv_cache import init_cache
+from clp_jax.model.qwen2 import Qwen2, abstract_model, resolve_layout
+from clp_jax.weights.assets import cache_dir
+
+log = logging.getLogger(__name__)
+
+SHALLOW_LAYERS = 4  # layers of the timed trunk copy (the per-layer cost is scaled to the full depth)
+VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PassCosts:
+    """Relative costs (a one-slot backbone pass = 1.0); tuples, so a config holding one stays hashable."""
+
+    width: tuple[float, ...]  # [W] a pass feeding w = 1..W slots per row
+    draft_first: tuple[float, ...] = (0.0,)  # [Wd] the drafter's first step over a w = 1..Wd slot chunk
+    draft_step: float = 0.0  # one further step of the chain (draft layer; 0 for drafters that draft at once)
+    ms: float = 0.0  # a one-slot pass in ms when measured (0: a given table)
+
+    def __post_init__(self):
+        if not self.width or abs(self.width[0] - 1.0) > 1e-6:
+            raise ValueError(f"PassCosts.width must start at 1.0 (a one-slot pass), got {self.width}.")
+        if any(c <= 0 for c in self.width) or any(c < 0 for c in self.draft_first) or self.draft_step < 0:
+            raise ValueError("PassCosts entries must be positive (widths) or >= 0 (drafting).")
+
+    @staticmethod
+    def _at(table: Sequence[float], w: int) -> float:
+        return float(table[min(max(w, 1), len(table)) - 1])
+
+    def pass_cost(self, w: int) -> float:
+        """A w-slot pass (widths past the table cost what its widest entry costs)."""
+        return self._at(self.width, w)
+
+    def draft_cost(self, first_width: int, steps: int) -> float:
+        """A chain of `steps` draft steps whose first runs over `first_width` slots (0 steps: nothing)."""
+        if steps <= 0:
+            return 0.0
+        return self._at(self.draft_first, first_width) + (steps - 1) * self.draft_step
+
+    def widths(self, n: int) -> jax.Array:
+        """[n] the cost of widths 1..n as a constant for jitted code."""
+        return jnp.asarray([self.pass_cost(w) for w in range(1, n + 1)], jnp.float32)
+
+    def firsts(self, n: int) -> jax.Array:
+        return jnp.asarray([self._at(self.draft_first, w) for w in range(1, n + 1)], jnp.float32)
+
+    def format(self) -> str:
+        """Two lines for logs and reports."""
+        ms = f" ({self.ms:.1f} ms)" if self.ms else ""
+        line = "pass cost by fed width (x a 1-slot pass" + ms + "): " + " ".join(
+            f"{w}:{c:.2f}" for w, c in enumerate(self.width, 1))
+        first = " ".join(f"{w}:{c:.3f}" for w, c in enumerate(self.draft_first, 1))
+        return line + f"\ndraft step: {self.draft_step:.3f}; first step by chunk width: {first}"
+
+
+FLAT = PassCosts(width=(1.0,))  # every width costs a one-slot pass, drafting is free: feed every draft
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def _time(fns: dict, rounds: int) -> dict:
+    """Seconds of each zero-argument function per round [rounds], interleaved (after one warm-up call each)."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    times = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[key].append(time.perf_counter() - t0)
+    return {key: np.asarray(t) for key, t in times.items()}
+
+
+def _shallow(model: Qwen2, n: int) -> Qwen2:
+    """The model's first n layers (same arrays, no copy) as a model of depth n."""
+    graphdef, _ = nnx.split(abstract_model(model.cfg.replace(num_layers=n)))
+    state = nnx.state(model)
+    layers = state["layers"]
+    state["layers"] = type(layers)({i: layers[i] for i in range(n)})
+    return nnx.merge(graphdef, state)
+
+
+def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, context: int = 64) -> dict:
+    """Per width: ('trunk', w) the shallow trunk over w slots with a cache; ('head', w) logits of w rows."""
+    n = min(SHALLOW_LAYERS, model.cfg.num_layers)
+    shallow = _shallow(model, n)
+    tg, ts = nnx.split(shallow)
+    mg, ms = nnx.split(model)
+    cache = init_cache(shallow.cfg, batch, context + 32)
+
+    @jax.jit
+    def trunk(state, tokens, positions, cache):
+        hidden, cache = nnx.merge(tg, state)(tokens, positions, cache)
+        return hidden[:, -1, :8], cache
+
+    @jax.jit
+    def head(state, hidden):
+        return jnp.argmax(nnx.merge(mg, state).logits(hidden), axis=-1)
+
+    fns = {}
+    for w in widths:
+        tokens = jnp.full((batch, w), 7, jnp.int32)
+        positions = jnp.broadcast_to(context + jnp.arange(w, dtype=jnp.int32), (batch, w))
+        hidden = jnp.ones((batch, w, model.cfg.hidden_size), model.cfg.jnp_dtype)
+        fns["trunk", w] = lambda t=tokens, p=positions: trunk(ts, t, p, cache)
+        fns["head", w] = lambda h=hidden: head(ms, h)
+    return fns, model.cfg.num_layers / n
+
+
+def _draft_fns(model: Qwen2, heads, widths: Sequence[int], batch: int, context: int = 64) -> dict:
+    """('first', w): the drafter's first step over a w-slot chunk with one row of draft logits; ('step', 1)
+    one chained step (draft layer). Medusa-style drafters: their whole k-draft call as the first step."""
+    D = model.cfg.hidden_size
+    kernel = heads.draft_kernel(model)
+    cache = heads.init_cache(batch, context + 64, model.cfg.jnp_dtype)
+    mg, ms = nnx.split(model)
+    hg, hs = nnx.split(heads)
+    fns = {}
+    if isinstance(heads.drafter, DraftLayer):
+        @jax.jit
+        def first(ms, hs, hidden, tokens, positions, cache):  # one step as decode/chain.py runs it (greedy)
+            m, h = nnx.merge(mg, ms), nnx.merge(hg, hs)
+            feats, _ = h.drafter.step(m, hidden, tokens, positions, cache[0])
+            _, token, conf = draft_scores(h, m, feats[:, -1:], kernel, None, 0, jnp.float32(1.0))
+            return token, conf
+
+        for w in sorted(set(widths) | {1}):
+            hidden = jnp.ones((batch, w, D), model.cfg.jnp_dtype)
+            tokens = jnp.full((batch, w), 7, jnp.int32)
+            positions = jnp.broadcast_to(context + jnp.arange(w, dtype=jnp.int32), (batch, w))
+            fns["first", w] = lambda a=(hidden, tokens, positions): first(ms, hs, *a, cache)
+        return fns
+    k = heads.cfg.k
+
+    @jax.jit
+    def whole(ms, hs, hidden, tokens, positions):
+        m, h = nnx.merge(mg, ms), nnx.merge(hg, hs)
+        pick = lambda j, logits: jnp.argmax(logits, -1).astype(jnp.int32)  # noqa: E731
+        anchor = jnp.zeros((batch,), jnp.int32)
+        return h.draft(m, hidden, tokens, positions, anchor, k, cache, pick, kernel).tokens
+
+    hidden = jnp.ones((batch, 1, D), model.cfg.jnp_dtype)
+    tokens = jnp.full((batch, 1), 7, jnp.int32)
+    positions = jnp.full((batch, 1), context, jnp.int32)
+    fns["first", 1] = lambda: whole(ms, hs, hidden, tokens, positions)
+    return fns
+
+
+def drafter_signature(heads) -> str | None:
+    """What the drafting cost depends on (None: a drafter this module cannot time, e.g. a test double)."""
+    if heads is None or not hasattr(heads, "drafter") or heads.drafter is None:
+        return None
+    vocab = heads.draft_vocab[...].shape[0] if heads.draft_vocab is not None else heads.cfg.vocab_size
+    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(nnx.state(heads.drafter, nnx.Param))})
+    return f"{heads.cfg.kind}-k{heads.cfg.k}-u{vocab}-{'+'.join(dtypes)}"
+
+
+def measure(model: Qwen2, heads=None, widths: Sequence[int] = (1, 2, 3, 4), draft_widths: Sequence[int] = (),
+            batch: int = 1, rounds: int = 15) -> dict:
+    """Times passes at `widths` (and the drafter at `draft_widths`), interleaved; returns the raw entry
+    {'ms': a one-slot pass, 'width': {w: relative}, 'drafters': {signature: {'first': {w: rel}, 'step': rel}}}."""
+    t0 = time.perf_counter()
+    log.info("measuring this machine's pass costs (once per backbone geometry; cached under %s)",
+             cache_dir("pass_costs"))
+    widths = sorted(set(widths) | {1})
+    fns, scale = _pass_fns(model, widths, batch)
+    sig = drafter_signature(heads)
+    if sig is not None:
+        dfns = _draft_fns(model, heads, sorted(set(draft_widths) | {1}), batch)
+        fns.update({("draft",) + key: f for key, f in dfns.items()})
+    t = _time(fns, rounds)
+    # each round's costs relative to its own one-slot pass (load drifts between rounds), then the median
+    per_round = {w: t["head", w] + scale * t["trunk", w] for w in widths}  # [rounds] each
+    rel = {w: float(np.median(per_round[w] / per_round[1])) for w in widths}
+    for a, b in zip(widths, widths[1:]):  # a pass over more slots never costs less (noise aside)
+        rel[b] = max(rel[b], rel[a])
+    out = {"ms": 1e3 * float(np.median(per_round[1])), "width": rel, "drafters": {}}
+    if sig is not None:
+        first = {key[2]: float(np.median(t[key] / per_round[1])) for key in t if key[:2] == ("draft", "first")}
+        # a chained step is a one-slot first step (same layer, one row of draft logits); Medusa heads draft at once
+        step = first[1] if isinstance(heads.drafter, DraftLayer) else 0.0
+        out["drafters"][sig] = {"first": first, "step": step}
+    log.info("measured pass costs in %.1f s (%d widths%s)", time.perf_counter() - t0, len(widths),
+             ", drafter" if sig else "")
+    return out
+
+
+# ---------------------------------------------------------------------- the on-disk table
+
+
+def table_key(model: Qwen2, batch: int) -> dict:
+    """What a table depends on: device kind, backbone geometry, matmul layout, dtype, batch rows."""
+    cfg = model.cfg
+    geometry = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("dtype", "param_dtype", "matmul_layout", "max_position_embeddings", "rope_theta",
+                             "rms_norm_eps")}
+    return {"version": VERSION, "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "geometry": geometry, "layout": resolve_layout(cfg), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+            "batch": batch}
+
+
+def table_path(key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir("pass_costs"), f"{key['device'].replace(' ', '_').replace('/', '_')}-{digest}.json")
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # absent or unreadable: measured again
+
+
+def _interp(points: dict, n: int) -> tuple[float, ...]:
+    """Values at widths 1..n from measured {"w": value} (linear between measured widths, flat beyond)."""
+    ws = sorted(int(w) for w in points)
+    return tuple(float(np.interp(w, ws, [points[str(x)] for x in ws])) for w in range(1, n + 1))
+
+
+def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: Sequence[int] = (),
+                    batch: int = 1, remeasure: bool = False, rounds: int = 15) -> PassCosts:
+    """This machine's table for widths 1..max_width (and the drafter's first step at `draft_widths`), from
+    the cache where it has them, else measured now (a few seconds) and stored."""
+    key = table_key(model, batch)
+    path = table_path(key)
+    entry = None if remeasure else _read(path)
+    if entry is not None and entry.get("key") != key:
+        entry = None
+    entry = entry or {"key": key, "ms": None, "width": {}, "drafters": {}}
+    sig = drafter_signature(heads)
+    need_w = [w for w in range(1, max_width + 1) if str(w) not in entry["width"]]
+    d = entry["drafters"].get(sig, {"first": {}, "step": 0.0}) if sig else None
+    need_d = [w for w in sorted(set(draft_widths) | {1}) if sig and str(w) not in d["first"]]
+    if need_w or need_d:
+        # widths are timed together (relative to w=1 of the same run), so re-time the cached ones too
+        widths = sorted({int(w) for w in entry["width"]} | set(range(1, max_width + 1)))
+        dws = sorted(set(int(w) for w in (d or {}).get("first", {})) | set(draft_widths) | {1}) if sig else ()
+        new = measure(model, heads, widths, dws, batch, rounds)
+        entry["ms"] = new["ms"]
+        entry["width"] = {str(w): c for w, c in new["width"].items()}
+        for s, dd in new["drafters"].items():
+            entry["drafters"][s] = {"first": {str(w): c for w, c in dd["first"].items()}, "step": dd["step"]}
+        entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(entry, f, indent=1)
+        os.replace(tmp, path)
+    width = _interp(entry["width"], max_width)
+    width = (1.0,) + width[1:]
+    if sig is None:
+        return PassCosts(width=width, ms=float(entry["ms"] or 0.0))
+    d = entry["drafters"][sig]
+    n_first = max(int(w) for w in d["first"])
+    return PassCosts(width=width, draft_first=_interp(d["first"], n_first), draft_step=float(d["step"]),
+                     ms=float(entry["ms"] or 0.0))

@@ -1,0 +1,274 @@
+"""`verify`: lossless speculative decoding, all of it in one place.
+
+Each pass feeds a row's bonus token (the backbone's own last token) followed by the drafts pending for it.
+The backbone's token at every fed slot checks them: the longest matching prefix is committed plus the
+backbone's next token (speculative sampling when temperature > 0, so the output distribution equals
+`ar`'s). Then the drafter drafts after the last committed token, and the budget (decode/budget.py) picks
+how many of the drafts the next pass feeds; the decoder runs that pass at the widest row's need.
+
+A row that stops drafting leaves its committed positions out of the draft layer's cache; their trunk states
+wait in a small buffer (`gap_*`, GAP slots) and the next drafting step runs over them first (the catch-up),
+so a row decoding at `ar` cost pays one draft step every GAP tokens instead of one per token.
+
+Drafts can also come from the context (`draft_source`, decode/lookup.py): "lookup" feeds only the
+continuation of the text's latest earlier n-gram; "both" takes it where the match is at least
+BOTH_MIN_NGRAM tokens long (no drafter step that pass) and the drafter's chain elsewhere. Retrieved drafts
+are verified the same way (a point-mass draft distribution when sampling); their confidence is a prior
+corrected online per row like the drafter's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from clp_jax.decode import sampling
+from clp_jax.decode.budget import DEFAULT_TEMPERATURE, PROBE_EVERY, Budget, Stats
+from clp_jax.decode.chain import Chain, has_chain, run_chain
+from clp_jax.decode.lookup import propose
+from clp_jax.decode.modes import Commit, Ctx, Mode, Next, take_rows
+from clp_jax.decode.pass_costs import FLAT
+from clp_jax.model.numerics import prefix_len
+from clp_jax.model.qwen2 import PAD_SENTINEL
+
+GAP = PROBE_EVERY  # committed tokens a row may leave out of the draft layer's cache before it catches up
+LOOKUP_CONF = 0.5  # prior chance that a retrieved draft is accepted (given the earlier ones were)
+BOTH_MIN_NGRAM = 3  # draft_source "both": retrieved drafts where the matched suffix is this long
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyState:
+    draft_cache: tuple  # the drafter's own cache (the draft layer's KV; empty for Medusa heads)
+    draft_q: jax.Array  # [B, k, V] distributions the pending drafts were drawn from (sampling; else V = 0)
+    conf: jax.Array  # [B, k] calibrated confidences of the drafts computed last step (0 past its chain)
+    cost: jax.Array  # [B] drafting cost spent on them
+    drafted: jax.Array  # [B] bool: the row drafted last step
+    first: jax.Array  # [B] the chain's first draft (checked for free when it was not fed)
+    first_unfed: jax.Array  # [B] bool: a first draft was computed but not fed
+    budget: Stats  # what the draft budget learnt about the row's drafter
+    lookup: Stats  # ... and about its retrieved drafts
+    source: jax.Array  # [B] where the pending drafts come from: 0 the drafter, 1 the context
+    gap_hidden: jax.Array  # [B, G, D] trunk states of committed positions the draft cache lacks
+    gap_next: jax.Array  # [B, G] the committed token after each
+    gap_pos: jax.Array  # [B, G] their positions (PAD_SENTINEL: empty)
+    gap_n: jax.Array  # [B] committed tokens since the row last drafted
+
+    def replace(self, **kw) -> "VerifyState":
+        return dataclasses.replace(self, **kw)
+
+
+class Verify(Mode):
+    name = "verify"
+    drafts = True
+
+    def __init__(self, dc, costs=None):
+        super().__init__(dc, costs)
+        self.costs = costs or FLAT
+        self.heads_draft = dc.draft_source != "lookup"
+        self.greedy = dc.sampling.greedy
+        W = self.width
+        # a pass's cost by drafts fed: flat when every pass runs at the full width
+        widths = [self.costs.pass_cost(m + 1 if dc.adaptive else W) for m in range(self.k + 1)]
+        self.budget = Budget(widths, self.costs.draft_step, self.k, self.greedy) if dc.draft_budget == "auto" else None
+
+    def gap_size(self, heads) -> int:
+        """Slots of the catch-up buffer: only a drafter with a cache of its own, under the budget."""
+        return GAP if self.budget is not None and self.heads_draft and has_chain(heads) else 0
+
+    def init_state(self, B, S, model, heads):
+        k, G, D = self.k, self.gap_size(heads), model.cfg.hidden_size
+        V = 0 if self.greedy else model.cfg.vocab_size
+        return VerifyState(
+            draft_cache=heads.init_cache(B, S, model.cfg.jnp_dtype), draft_q=jnp.zeros((B, k, V), jnp.float32),
+            conf=jnp.zeros((B, k), jnp.float32), cost=jnp.zeros((B,), jnp.float32),
+            drafted=jnp.zeros((B,), bool), first=jnp.zeros((B,), jnp.int32), first_unfed=jnp.zeros((B,), bool),
+            budget=Stats.init(B, k), lookup=Stats.init(B, k), source=jnp.zeros((B,), jnp.int32),
+            gap_hidden=jnp.zeros((B, G, D), model.cfg.jnp_dtype), gap_next=jnp.zeros((B, G), jnp.int32), gap_pos=jnp.full((B, G), PAD_SENTINEL, jnp.int32),
+            gap_n=jnp.zeros((B,), jnp.int32))
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, ctx: Ctx):
+        st, step, k = ctx.st, ctx.step, self.k
+        vs: VerifyState = st.mode_state
+        key_check, key_draft = jax.random.split(ctx.key)
+        n_acc, bonus, first_ok = self._check(ctx, key_check)
+        active = ~st.done
+        stats, lstats = vs.budget, vs.lookup
+        if self.budget is not None:
+            heads = active & (vs.source == 0)
+            stats = self.budget.observe(stats, vs.conf, st.n_draft, n_acc, (vs.first_unfed, first_ok, vs.conf[:, 0]),
+                                        vs.drafted, vs.cost, heads)
+            none = jnp.zeros_like(vs.first_unfed)
+            lstats = self.budget.observe(lstats, vs.conf, st.n_draft, n_acc, (none, first_ok, vs.conf[:, 0]), none,
+                                         vs.cost, active & (vs.source == 1))
+        anchor = step.last + n_acc  # slot of the last accepted token: its state is h_n for the next drafts
+        # the committed text after this step: the accepted drafts are in the buffer already, then the bonus
+        lk, use_lookup = None, jnp.zeros_like(active)
+        if self.dc.draft_source != "heads":
+            rows = jnp.arange(step.chunk.shape[0])
+            lk = propose(st.buf.at[rows, st.length + n_acc].set(bonus), st.length + n_acc + 1, k)
+            use_lookup = (lk.count > 0) & (lk.ngram >= (BOTH_MIN_NGRAM if self.heads_draft else 1))
+        drafted, gaps = self._draft(ctx, vs, stats, anchor, bonus, key_draft, use_lookup)
+        ch = self._merge(drafted, lk, use_lookup, lstats)
+        m = self._how_many(ch, stats, active, use_lookup, lstats)
+
+        padded = jnp.pad(take_rows(step.chunk, jnp.clip(step.last[:, None] + 1 + jnp.arange(k), 0,
+                                                        step.chunk.shape[1] - 1)), ((0, 0), (0, 1)))  # [B, k+1]
+        jk = jnp.arange(k)[None, :]
+        commit = Commit(tokens=jnp.where(jnp.arange(k + 1)[None, :] < n_acc[:, None], padded, bonus[:, None]),
+                        count=n_acc + 1, head_ok=jk < n_acc[:, None], offered=jk < st.n_draft[:, None], head_start=0,
+                        cached=n_acc)
+        heads_rows = (ch.steps > 0) & ~use_lookup
+        q = vs.draft_q
+        if not self.greedy:
+            q = jnp.where(use_lookup[:, None, None], jax.nn.one_hot(ch.tokens, q.shape[-1]),
+                          sampling.probs(ch.logits, self.dc.sampling))
+        new = vs.replace(
+            draft_cache=ch.cache, conf=ch.conf, cost=ch.cost, drafted=heads_rows, first=ch.tokens[:, 0],
+            first_unfed=heads_rows & (m == 0), budget=stats, lookup=lstats, source=use_lookup.astype(jnp.int32),
+            draft_q=q, **gaps)
+        spent = jnp.zeros_like(drafted.cost) if step.prefill else drafted.cost  # catch-ups of lookup rows too
+        return commit, Next(ch.tokens, m, drafted.steps, spent, use_lookup.astype(jnp.int32)), new
+
+    def _check(self, ctx: Ctx, key):
+        """The pending drafts against the backbone: accepted count [B], the bonus token [B], and whether an
+        unfed first draft was right (greedy: 0/1; sampled: its acceptance probability) [B]."""
+        st, step, sc, k = ctx.st, ctx.step, self.dc.sampling, self.k
+        vs: VerifyState = st.mode_state
+        hidden, chunk, i0 = step.hidden, step.chunk, step.last
+        B, W = chunk.shape
+        J = min(k + 1, W)  # a narrow chunk (adaptive width) carries fewer drafts
+        rows, j = jnp.arange(B), jnp.arange(J)
+        idx = jnp.clip(i0[:, None] + j, 0, W - 1)  # [B, J]
+        logits = ctx.model.logits(take_rows(hidden, idx))  # [B, J, V]
+        drafts = take_rows(chunk, jnp.clip(idx[:, :J - 1] + 1, 0, W - 1))  # [B, J-1] d_j sits at i0 + j
+        valid = j[None, :J - 1] < st.n_draft[:, None]
+        if sc.greedy:
+            target = jnp.argmax(logits, -1).astype(jnp.int32)  # [B, J]
+            n_acc = prefix_len((drafts == target[:, :J - 1]) & valid)
+            return n_acc, target[rows, n_acc], (vs.first == target[:, 0]).astype(jnp.float32)
+        key_u, key_x = jax.random.split(key)
+        p = sampling.probs(logits, sc)  # [B, J, V]
+        q = vs.draft_q[:, :J - 1]
+        p_d = jnp.take_along_axis(p[:, :J - 1], drafts[..., None], -1)[..., 0]  # [B, J-1]
+        q_d = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
+        u = jax.random.uniform(key_u, (B, J - 1))
+        n_acc = prefix_len((u * q_d < p_d) & valid)  # accept with probability min(1, p/q)
+        p_a = p[rows, n_acc]  # [B, V]
+        q_a = vs.draft_q[rows, jnp.minimum(n_acc, k - 1)]
+        residual = jnp.maximum(p_a - q_a, 0.0)
+        rejected = (n_acc < st.n_draft) & (jnp.sum(residual, -1) > 0)
+        dist = jnp.where(rejected[:, None], residual / jnp.sum(residual, -1, keepdims=True), p_a)
+        bonus = sampling.sample(key_x, dist)
+        p1, q1 = p[rows, 0, vs.first], vs.draft_q[rows, 0, vs.first]
+        return n_acc, bonus, jnp.minimum(1.0, p1 / jnp.maximum(q1, 1e-30))
+
+    # ------------------------------------------------------------------ drafting
+
+    def _draft(self, ctx: Ctx, vs: VerifyState, stats: Stats, anchor, bonus, key, use_lookup):
+        """The drafter's next chain (run only if some row wants it) and the catch-up buffer after it."""
+        model, heads, step, k = ctx.model, ctx.heads, ctx.step, self.k
+        B, W = step.chunk.shape
+        G = vs.gap_hidden.shape[1]
+        active = ~ctx.st.done
+        next_tokens = step.next_tokens(anchor, bonus)
+        T = (heads.calibration[...] if getattr(heads, "calibration", None) is not None
+             else jnp.full((k,), DEFAULT_TEMPERATURE, jnp.float32))[:k]
+        sc = self.dc.sampling
+
+        def sample(j, logits):
+            return sampling.sample(jax.random.fold_in(key, j), sampling.probs(logits, sc))
+
+        if self.budget is None:
+            def after_step(c, D, fed):
+                return fed, jnp.ones_like(fed)
+            want = ~use_lookup
+        else:
+            def after_step(c, D, fed):
+                return self.budget.after_step(self.budget.corrected(c, stats), D, fed)
+            # rows whose drafting has not paid stop, but catch up (and look again) every GAP tokens
+            want = active & (((stats.gain > 0) & ~use_lookup) | (vs.gap_n + anchor + 1 > GAP))
+
+        def chain(hidden, nt, pos, anc, width):
+            ch = run_chain(heads, model, hidden, nt, pos, anc, k, vs.draft_cache, step.draft_kernel,
+                           None if self.greedy else sample, T, after_step, self.costs.draft_cost(width, 1),
+                           self.costs.draft_step, want)
+            return ch._replace(length_logits=ch.length_logits if self.dc.draft_budget == "clp" else jnp.zeros((B, 1)),
+                               logits=jnp.zeros((B, k, 0)) if self.greedy else ch.logits)
+
+        empty_gaps = dict(gap_hidden=vs.gap_hidden, gap_next=vs.gap_next, gap_n=jnp.zeros_like(vs.gap_n),
+                          gap_pos=jnp.full_like(vs.gap_pos, PAD_SENTINEL))
+
+        def skip(_):
+            V = 0 if self.greedy else model.cfg.vocab_size
+            zeros = jnp.zeros((B, k), jnp.float32)
+            ch = Chain(jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, V)), zeros, zeros > 0,
+                       jnp.zeros((B,), jnp.int32), jnp.zeros((B,)), jnp.zeros((B, 1)), vs.draft_cache)
+            if not G:
+                return ch, dict(empty_gaps, gap_n=vs.gap_n + jnp.where(active, anchor + 1, 0))
+            slot = jnp.arange(W)[None, :]
+            at = jnp.where((slot <= anchor[:, None]) & active[:, None], vs.gap_n[:, None] + slot, G)  # G: dropped
+            rows = jnp.arange(B)[:, None]
+            gaps = dict(gap_hidden=vs.gap_hidden.at[rows, at].set(step.hidden.astype(vs.gap_hidden.dtype),
+                                                                  mode="drop"),
+                        gap_next=vs.gap_next.at[rows, at].set(next_tokens, mode="drop"),
+                        gap_pos=vs.gap_pos.at[rows, at].set(step.positions, mode="drop"),
+                        gap_n=vs.gap_n + jnp.where(active, anchor + 1, 0))
+            return ch, gaps
+
+        if not self.heads_draft:
+            return skip(None)
+        if self.budget is None and self.dc.draft_source == "heads":
+            return chain(step.hidden, next_tokens, step.positions, anchor, W), empty_gaps
+
+        def draft(_):
+            def narrow(_):
+                return chain(step.hidden, next_tokens, step.positions, anchor, W)
+
+            def wide(_):  # the rows' skipped positions first: their draft-cache entries are written now
+                return chain(jnp.concatenate([vs.gap_hidden, step.hidden], 1),
+                             jnp.concatenate([vs.gap_next, next_tokens], 1),
+                             jnp.concatenate([vs.gap_pos, step.positions], 1), anchor + G, G + W)
+
+            ch = jax.lax.cond(jnp.any(vs.gap_n > 0), wide, narrow, None) if G else narrow(None)
+            return ch, empty_gaps
+
+        return jax.lax.cond(jnp.any(want), draft, skip, None)
+
+    def _merge(self, ch: Chain, lk, use_lookup, lstats: Stats) -> Chain:
+        """Rows drafting from the context take the retrieved continuation, with the lookup's confidence."""
+        if self.dc.draft_source == "heads":
+            return ch
+        k = self.k
+        live = jnp.arange(k)[None, :] < lk.count[:, None]
+        c0 = jnp.where(live, LOOKUP_CONF, 0.0)
+        fed = []
+        if self.budget is not None:  # the sequential feed flags of the retrieved drafts (sampling)
+            c, f = self.budget.corrected(c0, lstats), lk.count > 0
+            for j in range(k):
+                f = self.budget.after_step(c[:, :j + 1], jnp.zeros_like(c[:, 0]), f)[0] & live[:, j]
+                fed.append(f)
+        fed = jnp.stack(fed, 1) if fed else live
+        pick = lambda a, b: jnp.where(use_lookup.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+        return ch._replace(tokens=pick(lk.tokens, ch.tokens), conf=pick(c0, ch.conf), fed=pick(fed, ch.fed),
+                           steps=pick(lk.count, ch.steps), cost=pick(jnp.zeros_like(ch.cost), ch.cost))
+
+    def _how_many(self, ch: Chain, stats: Stats, active, use_lookup, lstats: Stats) -> jax.Array:
+        """Drafts the next pass feeds per row [B]; rows are topped up to the widest row's count for free
+        (the batch runs at that width anyway) from the drafts they computed."""
+        k = self.k
+        if self.dc.draft_budget == "fixed":
+            m = ch.steps
+        elif self.dc.draft_budget == "clp":
+            m = jnp.where(use_lookup, ch.steps, jnp.minimum(jnp.argmax(ch.length_logits, -1), ch.steps))
+        else:
+            c = jnp.where(use_lookup[:, None], self.budget.corrected(ch.conf, lstats),
+                          self.budget.corrected(ch.conf, stats))
+            m = self.budget.choose(c, ch.steps, ch.cost, ch.fed)
+        m = jnp.minimum(m, jnp.minimum(ch.steps, k)).astype(jnp.int32)
+        widest = jnp.max(jnp.where(active, m, 0))
+        return jnp.maximum(m, jnp.minimum(ch.steps, widest)).astype(jnp.int32)

@@ -1,0 +1,148 @@
+"""verify's draft budget: hopeless drafts cost (almost) nothing, good drafts are all fed, greedy output stays ar's;
+the pass-cost table is measured once and cached; the budget's rule on hand-made confidences."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clp_jax.decode import pass_costs
+from clp_jax.decode.budget import Budget, Stats
+from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.pass_costs import PassCosts
+from clp_jax.drafting.heads import Drafts, Heads, HeadsConfig
+
+from helpers import OracleHeads, reference_table
+
+# This CPU's shape (DESIGN.md 7-8): 2-4 slots ~1.35-1.40x a one-slot pass, a draft step ~0.075.
+CPU = PassCosts(width=(1.0, 1.35, 1.38, 1.40, 1.55), draft_first=(0.075, 0.08, 0.085, 0.09, 0.1, 0.1, 0.1, 0.1, 0.1,
+                                                                  0.11, 0.11, 0.12), draft_step=0.075)
+NEW = 96
+
+
+class WrongHeads(OracleHeads):
+    """Drafts the token after the backbone's own greedy one (always wrong), with confidence ~1."""
+
+    def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick, kernel=None):
+        d = super().draft(backbone, hidden, next_tokens, positions, anchor, k, cache, pick, kernel)
+        wrong = (jnp.argmax(d.logits, -1) + 1) % self.cfg.vocab_size
+        logits = 30.0 * jnp.eye(self.cfg.vocab_size)[wrong]
+        return Drafts(logits, jnp.stack([pick(j, logits[:, j]) for j in range(k)], 1), d.length_logits, cache)
+
+
+@pytest.fixture(scope="module")
+def long_ar(model, prompts):
+    out = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=NEW)).generate(prompts[1:2])
+    return out
+
+
+def test_always_wrong_drafts_cost_at_most_5_percent_more_than_ar(model, prompts, long_ar):
+    """A prompt where no draft is ever right: passes x measured costs within 5% of ar's."""
+    table = reference_table(prompts[1:2], long_ar.tokens, rows=1, width=64 + NEW)
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW)
+    out = Decoder(model, WrongHeads(model.cfg, 3, table), dc, costs=CPU).generate(prompts[1:2])
+    assert out.tokens == long_ar.tokens and out.accepted.sum() == 0
+    ar_cost = float(long_ar.cost.sum())  # one per loop pass
+    assert ar_cost == NEW - 1
+    widths = out.widths.sum(0)
+    pass_cost = sum(n * CPU.pass_cost(w) for w, n in enumerate(widths, 1))
+    assert float(out.cost.sum()) >= pass_cost  # the decoder's total = passes + drafting
+    print(f"wrong drafts: {float(out.cost.sum()):.2f} one-slot passes against ar's {ar_cost:.0f} "
+          f"(passes {pass_cost:.2f}, widths {widths.tolist()}, drafts fed {out.fed.sum(0).tolist()})")
+    assert float(out.cost.sum()) <= 1.05 * ar_cost
+    # the fixed budget pays for every wrong draft
+    fixed = Decoder(model, WrongHeads(model.cfg, 3, table), dc.replace(draft_budget="fixed"), costs=CPU)
+    assert float(fixed.generate(prompts[1:2]).cost.sum()) > 1.3 * ar_cost
+
+
+def test_right_drafts_are_all_fed(model, prompts, long_ar):
+    table = reference_table(prompts[1:2], long_ar.tokens, rows=1, width=64 + NEW)
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW)
+    out = Decoder(model, OracleHeads(model.cfg, 3, table), dc, costs=CPU).generate(prompts[1:2])
+    assert out.tokens == long_ar.tokens and out.tokens_per_pass > 3.5
+    assert out.fed[0, 3] >= out.fed[0].sum() - 1  # every pass feeds all three (the last may be cut)
+    assert float(out.cost.sum()) < 0.45 * float(long_ar.cost.sum())
+
+
+def test_draft_layer_catch_up_keeps_ar_and_saves_cost(model, prompts, long_ar):
+    """A draft layer whose drafts rarely pay stops drafting; its cache catches up every few tokens, so
+    whenever it drafts, its first draft is the offline chain's (the cache holds every committed entry)."""
+    from test_draft_layer import draft_heads
+
+    heads = draft_heads(model, k=3, scale=0.3)  # far from the backbone: mostly wrong
+    p = prompts[1]
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW)
+    dec = Decoder(model, heads, dc, costs=CPU)
+    drafted = []
+    st = dec.start([p])
+    while not bool(st.done[0]):
+        st = dec.advance(st, 1)
+        if bool(st.mode_state.drafted[0]) and not bool(st.done[0]):
+            drafted.append((int(st.length[0]), int(st.mode_state.first[0]), int(st.mode_state.gap_n[0])))
+    auto = dec.result_of(st, 1, 0.0, 0.0)
+    fixed = Decoder(model, heads, dc.replace(draft_budget="fixed"), costs=CPU).generate([p])
+    assert auto.tokens == long_ar.tokens == fixed.tokens
+    steps = int(auto.fed.sum())
+    print(f"draft layer: {len(drafted)} drafting passes of {steps}, drafts fed {auto.fed[0].tolist()}, cost "
+          f"{float(auto.cost.sum()):.1f} (fixed {float(fixed.cost.sum()):.1f}, ar {NEW - 1})")
+    assert len(drafted) < 0.5 * steps  # it stopped drafting
+    assert float(auto.cost.sum()) < float(fixed.cost.sum())
+    full = jnp.asarray([p + long_ar.tokens[0]], jnp.int32)
+    pos = jnp.arange(full.shape[1], dtype=jnp.int32)[None]
+    feats = heads.drafter.unrolled(model, model(full, pos)[0], full, 1)[0, 0]  # [T, D]
+    want = np.asarray(jnp.argmax(model.logits(feats), -1))
+    for length, first, _ in drafted:
+        assert first == want[length - 2], length
+
+
+def test_budget_rule():
+    """Sure drafts: feed all; hopeless: none; a weak first draft before sure ones: all (greedy looks at
+    every draft computed); the chain goes on while one more draft like the last would raise the rate."""
+    b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
+    stats = Stats.init(1, 3)
+    D = jnp.asarray([0.075])
+    yes = jnp.ones((1,), bool)
+    for c, m in (([0.99, 0.99, 0.99], 3), ([0.05, 0.05, 0.05], 0), ([0.3, 0.9, 0.9], 3)):
+        conf = b.corrected(jnp.asarray([c]), stats)
+        assert int(b.choose(conf, jnp.asarray([3]), D + 0.15, yes[:, None].repeat(3, 1))[0]) == m, c
+    feed, more = b.after_step(jnp.asarray([[0.5]]), D, yes)
+    assert bool(feed[0]) and bool(more[0])  # 1.5 / 1.425 > 1 / 1.075, and (1.5 + 0.25) / 1.53 more
+    feed, more = b.after_step(jnp.asarray([[0.05]]), D, yes)
+    assert not bool(more[0]) and not bool(feed[0])
+    # the online correction: drafts seen wrong at confidence 0.9 count for much less
+    wrong = Stats(jnp.zeros((1, 3)), jnp.full((1, 3), 5.0), jnp.zeros((1,)))
+    assert float(b.corrected(jnp.asarray([[0.9]]), wrong)[0, 0]) < 0.2
+
+
+def test_pass_cost_table_is_measured_once_and_cached(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
+    calls = []
+    real = pass_costs.measure
+    monkeypatch.setattr(pass_costs, "measure", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer"), rngs=nnx.Rngs(0))
+    a = pass_costs.load_or_measure(model, heads, max_width=3, draft_widths=(1, 2, 3, 11), rounds=2)
+    assert len(calls) == 1 and len(a.width) == 3 and a.width[0] == 1.0 and len(a.draft_first) == 11
+    assert a.draft_step > 0 and all(c > 0 for c in a.width)
+    b = pass_costs.load_or_measure(model, heads, max_width=3, draft_widths=(1, 11), rounds=2)
+    assert len(calls) == 1 and b == a  # from the cache
+    (path,) = [p for p in os.listdir(tmp_path / "pass_costs")]
+    entry = json.loads((tmp_path / "pass_costs" / path).read_text())
+    assert entry["key"]["layout"] in ("rows", "cols") and entry["key"]["geometry"]["hidden_size"] == 64
+    # a Decoder reads the table at first use (widths 1..k+1, drafter 1..k+1 and the catch-up's 8+k+1)
+    dec = Decoder(model, heads, DecodeConfig(mode="verify", k=2, max_new_tokens=4))
+    assert dec.costs(1) == a and len(calls) == 1
+    pass_costs.load_or_measure(model, heads, max_width=3, remeasure=True, rounds=2)
+    assert len(calls) == 2
+
+
+def test_flat_costs_feed_every_computed_draft(model, prompts, long_ar):
+    """Where every width costs the same and drafting is free, the budget feeds all k drafts."""
+    table = reference_table(prompts[1:2], long_ar.tokens, rows=1, width=64 + NEW)
+    wrong = WrongHeads(model.cfg, 3, table)
+    out = Decoder(model, wrong, DecodeConfig(mode="verify", k=3, max_new_tokens=8), costs=pass_costs.FLAT).generate(
+        prompts[1:2])
+    assert out.fed[0, 3] == out.fed[0].sum()
+    assert np.allclose(out.cost, out.widths.sum())
