@@ -39,8 +39,9 @@ def parse_args(argv=None):
                    help="verify: drafts fed per pass. auto (default): only while they pay for their measured "
                         "cost (a pass-cost table measured once per machine); fixed: all k; clp: the CLP's number")
     p.add_argument("--verify-drafts", choices=("all", "clp"), default=None, help=argparse.SUPPRESS)  # old name
-    p.add_argument("--draft-source", choices=decoding.DRAFT_SOURCES, default="heads",
-                   help="verify: drafts from the heads, from the context (prompt lookup), or both, chosen per step")
+    p.add_argument("--draft-source", choices=decoding.DRAFT_SOURCES, default="both",
+                   help="verify: drafts from the heads, from the context (prompt lookup), or both (default: the "
+                        "retrieved continuation where the text's last tokens occurred before, else the heads')")
     p.add_argument("--adaptive-width", action=argparse.BooleanOptionalAction, default=None,
                    help="feed only the slots a step needs (default: on with --draft-budget auto or clp)")
     p.add_argument("--remeasure-costs", action="store_true",
@@ -93,7 +94,7 @@ def run(args) -> int:
     batches = [encoded[i:i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
 
     if args.compare:
-        ar = Decoder(backbone.model, None, DecodeConfig(**{**dc.__dict__, "mode": "ar"}), backbone.eos_token_ids)
+        ar = Decoder(backbone.model, None, dc.replace(mode="ar"), backbone.eos_token_ids)
         return report.compare(decoder, ar, batches, tok, seed=args.seed)
     stream = len(encoded) == 1
     results = []

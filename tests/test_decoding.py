@@ -78,7 +78,8 @@ def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch, adaptive):
         heads = _oracle(model, prompts[1:2], ar_tokens[1:2], k)
     rows = prompts if batch == 3 else prompts[1:2]
     want = ar_tokens if batch == 3 else ar_tokens[1:2]
-    dc = DecodeConfig(mode="verify", k=k, max_new_tokens=NEW, adaptive_width=adaptive)
+    dc = DecodeConfig(mode="verify", k=k, max_new_tokens=NEW, adaptive_width=adaptive,
+                      draft_source="heads" if kind == "oracle" else "both")
     out = Decoder(model, heads, dc).generate(rows)
     assert out.tokens == want
     if kind == "oracle":
@@ -123,7 +124,8 @@ def test_clp_with_length_zero_equals_ar(model, prompts, ar_tokens, adaptive):
 def test_adaptive_verify_with_clp_chosen_drafts(model, prompts, ar_tokens):
     """verify feeding only the CLP's number of drafts (here 1) through a narrower chunk stays lossless."""
     heads = forced_length_heads(model.cfg, 3, length=1)
-    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW, draft_budget="clp", adaptive_width=True)
+    dc = DecodeConfig(mode="verify", k=3, max_new_tokens=NEW, draft_budget="clp", draft_source="heads",
+                      adaptive_width=True)
     out = Decoder(model, heads, dc).generate(prompts)
     assert out.tokens == ar_tokens and out.offered[:, 1:].sum() == 0
 

@@ -126,13 +126,13 @@ def test_verify_sampling_with_the_draft_layer_and_the_budget(setting, monkeypatc
     exact_rep = _exact_distribution(model, rep, sc, 3)
     tv_ar_rep = _tv(_samples(model, None, "ar", sc, rep)[0], exact_rep)
     looked, out_lk = _samples(model, heads, "verify", sc, rep, budget="auto", source="lookup")
-    assert out_lk.source[:, 1].sum() > N // 2 and 0.1 < out_lk.head_acceptance[0] < 0.9
+    assert out_lk.source[:, 1].sum() > N // 4 and 0.1 < out_lk.head_acceptance[0] < 0.9
     tv_both = _tv(looked, exact_rep)
     monkeypatch.setattr(loop, "make_mode", lambda dc, costs=None: (
         _PeekingVerify(dc, costs) if dc.mode == "verify" else make_mode(dc, costs)))
     tv_peek = _tv(_samples(model, heads, "verify", sc, prompt, budget="auto")[0], exact)
     print(f"TV to the exact law: ar {tv_ar:.3f}, verify (draft layer, budget) {tv_verify:.3f}, with context "
-          f"drafts {tv_both:.3f}, unverified {tv_blind:.3f}, peeking budget {tv_peek:.3f}; drafts fed per pass "
+          f"drafts {tv_both:.3f} (ar {tv_ar_rep:.3f} on that prompt), unverified {tv_blind:.3f}, peeking budget {tv_peek:.3f}; drafts fed per pass "
           f"{fed.tolist()}")
     assert tv_verify < 1.5 * tv_ar and tv_both < 1.5 * tv_ar_rep
     assert tv_blind > 3 * tv_ar

@@ -94,8 +94,10 @@ def mode_table(models: dict, heads, k: int, new: int, batch: int, repeats: int, 
     for layout, m in models.items():
         for mode in modes:
             name, _, kk = mode.partition("@")  # "verify@3": that mode at another k
+            # every pass feeds all k drafts (random heads: the budget would feed none)
             dec = Decoder(m, None if name == "ar" else heads,
-                          DecodeConfig(mode=name, k=int(kk or k), max_new_tokens=new, tau=1.0))
+                          DecodeConfig(mode=name, k=int(kk or k), max_new_tokens=new, tau=1.0, draft_budget="fixed",
+                                       draft_source="heads"))
             dec.generate(prompts)  # compile and warm up
             decs[layout, mode] = dec
             compile_s[layout, mode] = dec.compile_seconds

@@ -32,9 +32,9 @@ def markdown(report: dict) -> str:
                 _fmt(m.get("compile_seconds"), ".1f"),
                 _fmt(m["memory_bytes"] / 1e9 if "memory_bytes" in m else None)]
         lines.append("| " + " | ".join(row) + " |")
+    sets = list(ar["sets"])
     lines += ["", "Per prompt set (speedup / tokens per pass / exact match; verify: share of ar-cost passes, "
-              "drafts fed per pass):", "",
-              "| mode | " + " | ".join(sets := list(ar["sets"])) + " |", "|" + "---|" * (len(sets) + 1)]
+              "drafts fed per pass):", "", "| mode | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
     for label, m in modes.items():
         cells = []
         for name in sets:

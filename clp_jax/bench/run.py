@@ -31,7 +31,8 @@ from clp_jax.bench import quality, roofline
 from clp_jax.bench import report as bench_report
 from clp_jax.bench.peers import PEERS, TransformersPeer
 from clp_jax.decode import options
-from clp_jax.decode.loop import DRAFT_BUDGETS, DRAFT_SOURCES, DecodeConfig, DecodeResult, Decoder, _bucket, MIN_PROMPT_BUCKET
+from clp_jax.decode.loop import (DRAFT_BUDGETS, DRAFT_SOURCES, MIN_PROMPT_BUCKET, DecodeConfig, DecodeResult, Decoder,
+                                 _bucket)
 from clp_jax.decode.report import policy
 from clp_jax.decode.prompts import CHAT_PROMPTS, encode
 from clp_jax.drafting.heads import param_summary
@@ -87,7 +88,7 @@ def verify_variant(spec: str) -> dict:
 
 def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int,
                  verify_ks: Sequence[int] = (), clp_confidences: Sequence[float] = (),
-                 variants: Sequence[str] = ("auto", "fixed")) -> dict[str, DecodeConfig]:
+                 variants: Sequence[str] = ("auto", "fixed-heads")) -> dict[str, DecodeConfig]:
     """Label -> DecodeConfig; confadapt runs once per tau, verify once per variant (`verify` is the first,
     the others `verify@VARIANT`) and also at each of `verify_ks` heads (`verify@k3`, `verify@k3-VARIANT`),
     clp also with each CLP confidence margin."""

@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from clp_jax.decode.modes import Ar, Ctx, Mode, Step
+from clp_jax.decode.modes import Ctx, Mode, Step
 from clp_jax.decode.pass_costs import PassCosts
 from clp_jax.decode.state import DecodeState
 from clp_jax.model.qwen2 import Qwen2
@@ -60,7 +60,7 @@ class Advance:
         write = jnp.where(active[:, None] & (j[None, :k] < n_next[:, None]), new_length[:, None] + j[:k], S)
         buf = buf.at[rows[:, None], write].set(nxt.tokens, mode="drop")
         fed = st.length + c.cached  # committed tokens this pass fed are cached; the rest is fed next
-        rec = self.mode.record(st, step, c) if isinstance(self.mode, Ar) else {}
+        rec = self.mode.record(st, step, c)
 
         def keep(new, old):
             mask = active.reshape(active.shape + (1,) * (new.ndim - 1))
@@ -87,5 +87,6 @@ class Advance:
         return {"width": s["width"].at[:, min(W, s["width"].shape[1]) - 1].add(on),
                 "fed": s["fed"].at[rows, fed].add(on),
                 "draft_steps": s["draft_steps"] + on * jnp.asarray(nxt.steps, jnp.int32),
-                "cost": s["cost"] + jnp.where(active, self.costs.pass_cost(W) + jnp.asarray(nxt.cost, jnp.float32), 0.0),
+                "cost": s["cost"] + jnp.where(active, self.costs.pass_cost(W) + jnp.asarray(nxt.cost, jnp.float32),
+                                              0.0),
                 "source": s["source"].at[rows, source].add(on * (jnp.asarray(nxt.count) > 0))}

@@ -68,12 +68,11 @@ class Budget:
         accepted prefix (see the module docstring).
     """
 
-    def __init__(self, widths, step: float, k: int, greedy: bool, temperatures=None):
+    def __init__(self, widths, step: float, k: int, greedy: bool):
         self.P = np.asarray(widths, np.float32)[:k + 1]
-        assert self.P.shape == (k + 1,), self.P
+        if self.P.shape != (k + 1,):
+            raise ValueError(f"Budget needs the cost of widths 1..{k + 1}, got {widths}.")
         self.s, self.k, self.greedy = float(step), k, greedy
-        t = DEFAULT_TEMPERATURE if temperatures is None else temperatures
-        self.T = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (k,))
 
     def corrected(self, conf: jax.Array, stats: Stats) -> jax.Array:
         """c' [B, j] from calibrated confidences [B, j] and the row's online correction."""
@@ -120,20 +119,18 @@ class Budget:
         return jnp.argmax(r, axis=1).astype(jnp.int32)
 
     def observe(self, stats: Stats, conf: jax.Array, fed: jax.Array, n_acc: jax.Array,
-                extra: tuple[jax.Array, jax.Array, jax.Array], drafted: jax.Array, cost: jax.Array,
-                active: jax.Array) -> Stats:
+                extra: tuple[jax.Array, jax.Array], drafted: jax.Array, cost: jax.Array, active: jax.Array) -> Stats:
         """Updates a row's statistics after a pass verified its `fed` [B] drafts (confidences conf [B, k],
-        n_acc accepted). `extra` = (observed [B], right [B], conf [B]): the first draft when it was computed
-        but not fed, checked against the backbone's token for free. `drafted` [B]: the row drafted for this
-        pass, at `cost` [B] (drafting only)."""
+        n_acc accepted). `extra` = (observed [B], right [B]): the first draft when it was computed but not
+        fed, checked against the backbone's token for free (greedy: 0/1; sampled: its acceptance
+        probability). `drafted` [B]: the row drafted for this pass, at `cost` [B] (drafting only)."""
         k = self.k
         j = jnp.arange(k)[None, :]
         seen_now = (j < fed[:, None]) & (j <= n_acc[:, None])  # verified with every earlier draft right
         right = (j < n_acc[:, None]).astype(jnp.float32)
-        obs, ok, c1 = extra
+        obs, ok = extra
         seen_now = seen_now.at[:, 0].set(seen_now[:, 0] | obs)
         right = right.at[:, 0].set(jnp.where(obs, ok, right[:, 0]))
-        conf = conf.at[:, 0].set(jnp.where(obs, c1, conf[:, 0]))
         upd = seen_now & active[:, None]
         hit = jnp.where(upd, DISCOUNT * stats.hit + right, stats.hit)
         seen = jnp.where(upd, DISCOUNT * stats.seen + conf, stats.seen)

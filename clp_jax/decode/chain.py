@@ -27,7 +27,7 @@ class Chain(NamedTuple):
     fed: jax.Array  # [B, k] bool: the budget's sequential "feed draft j" (a prefix)
     steps: jax.Array  # [B] int32 steps computed (each row's own; the batch runs the widest)
     cost: jax.Array  # [B] float32 drafting cost spent, in one-slot passes
-    length_logits: jax.Array  # [B, k'+1] the CLP's logits at h_n
+    clp_count: jax.Array  # [B] the CLP's predicted number of accepted drafts at h_n (its argmax)
     cache: tuple  # the drafter's cache
 
 
@@ -82,7 +82,7 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
             go = go & go_next
         live = jnp.arange(k)[None, :] < steps[:, None]
         return Chain(jnp.where(live, d.tokens, 0), d.logits, jnp.where(live, conf, 0.0), jnp.stack(fed, 1), steps,
-                     jnp.where(want, first_cost, 0.0), d.length_logits, d.cache)
+                     jnp.where(want, first_cost, 0.0), jnp.argmax(d.length_logits, -1).astype(jnp.int32), d.cache)
 
     layer = heads.drafter
     rows = jnp.arange(B)
@@ -91,10 +91,10 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
     pos = positions[rows, anchor][:, None]  # [B, 1]
     logits, token, c = draft_scores(heads, model, f, kernel, sample, 0, temperatures[0])
     cost = jnp.where(want, first_cost, 0.0)
-    conf = [c]
+    conf = [jnp.where(want, c, 0.0)]
     feed, go = after_step(jnp.stack(conf, 1), cost, want)
     go = go & want
-    out_t, out_l, fed, steps = [token], [logits], [feed], want.astype(jnp.int32)
+    out_t, out_l, fed, steps = [jnp.where(want, token, 0)], [logits], [feed], want.astype(jnp.int32)
     for j in range(1, k):
         def more(op, j=j):
             f, lc, token = op
@@ -114,6 +114,6 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
         feed, go_next = after_step(jnp.stack(conf, 1), cost, feed & go)
         fed.append(feed)
         go = go & go_next
-    length_logits = heads.clp(hidden[rows, anchor])
+    clp_count = jnp.argmax(heads.clp(hidden[rows, anchor]), -1).astype(jnp.int32)
     return Chain(jnp.stack(out_t, 1), jnp.stack(out_l, 1), jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost,
-                 length_logits, (lc,))
+                 clp_count, (lc,))

@@ -115,6 +115,10 @@ class Mode:
     def step(self, ctx: Ctx) -> tuple[Commit, Next, Any]:
         raise NotImplementedError
 
+    def record(self, st: DecodeState, step: Step, c: Commit) -> dict:
+        """DecodeState fields this mode records after a pass (only ar records anything)."""
+        return {}
+
 
 class Ar(Mode):
     """ar: the backbone's next token t1, one per pass; optionally records what self-distillation needs."""

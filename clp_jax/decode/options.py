@@ -65,8 +65,9 @@ def check_decode_args(args) -> None:
     check_range("--clp-confidence", getattr(args, "clp_confidence", None), low=0, low_open=True, high=1)
     check_range("--batch-size", getattr(args, "batch_size", None), low=1)
     check_range("--limit", getattr(args, "limit", None), low=1, hint="Omit --limit to run every prompt.")
-    if getattr(args, "temperature", None) == 0 and (getattr(args, "top_p", 1.0) < 1.0 or getattr(args, "top_k", 0) > 0):
-        flag = f"--top-p {args.top_p}" if args.top_p < 1.0 else f"--top-k {args.top_k}"
+    top_p, top_k = getattr(args, "top_p", 1.0), getattr(args, "top_k", 0)
+    if getattr(args, "temperature", None) == 0 and (top_p < 1.0 or top_k > 0):  # greedy ignores the filters
+        flag = f"--top-p {top_p}" if top_p < 1.0 else f"--top-k {top_k}"
         raise UsageError(f"{flag} filters sampling, but --temperature is 0 (greedy decoding, which ignores it): "
                          "add --temperature, e.g. --temperature 0.7.")
     for i, prompt in enumerate(getattr(args, "prompt", None) or []):

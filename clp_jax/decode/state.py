@@ -15,7 +15,8 @@ MODES = ("ar", "clp", "verify", "confadapt", "gate")
 # pay for their measured cost); "fixed": all k; "clp": the CLP's predicted number.
 DRAFT_BUDGETS = ("auto", "fixed", "clp")
 # verify: where drafts come from. "heads": the drafter; "lookup": a suffix match over the prompt and the
-# committed text (prompt lookup); "both": per step, the lookup's continuation where its match is long enough.
+# committed text (prompt lookup); "both": per step, the retrieved continuation where the text's last tokens
+# occurred before, else the drafter's (measured on held-out prompts: decode/verify.py).
 DRAFT_SOURCES = ("heads", "lookup", "both")
 
 
@@ -31,7 +32,7 @@ class DecodeConfig:
     clp_confidence: float | None = None
     gate_threshold: float = 0.5  # gate: accept while sigmoid(gate logit) >= this
     draft_budget: str = "auto"  # verify: DRAFT_BUDGETS
-    draft_source: str = "heads"  # verify: DRAFT_SOURCES
+    draft_source: str = "both"  # verify: DRAFT_SOURCES
     # per step, feed only as many slots as the widest row needs (lax.switch over widths 1..k+1: k+1 times the
     # compile time; pays where a wider pass costs more, e.g. CPU). None: on with a varying budget (auto, clp)
     adaptive_width: bool | None = None
