@@ -4,43 +4,33 @@ as often as `verify`'s.
 
 Marked `serve`. vLLM lives in a venv of its own (`bash .ci/serve_venv.sh`, which CI runs before the tests):
 it pins transformers<5.20. Without that venv the test is skipped, except under CI=true, where it fails.
-vLLM runs in that venv's python through `.ci/vllm_generate.py`.
+vLLM runs in that venv's python through `clp_jax/bench/vllm_worker.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 
 import pytest
 
 pytestmark = pytest.mark.serve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VLLM_PYTHON = os.environ.get("CLP_VLLM_PYTHON", os.path.join(ROOT, ".venv-vllm", "bin", "python"))
-WORKER = os.path.join(ROOT, ".ci", "vllm_generate.py")
 NEW = 48  # tokens generated per prompt
 
 
-def run_vllm(request: dict, timeout: float = 1200) -> dict:
-    """Runs `.ci/vllm_generate.py` in the vLLM venv (a subprocess: vLLM spawns processes and needs its own venv)."""
-    path = os.path.join(request["workdir"], f"request-{request.get('num_speculative_tokens', 0)}.json")
-    with open(path, "w") as f:
-        json.dump(request, f)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "PYTHONPATH"))}
-    env.update({"VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"), "TOKENIZERS_PARALLELISM": "false"})
-    proc = subprocess.run([VLLM_PYTHON, WORKER, path], env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"vLLM failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    with open(path + ".out") as f:
-        return json.load(f)
+def run_vllm(request: dict) -> dict:
+    """clp_jax/bench/vllm_worker.py in the vLLM venv (a subprocess: vLLM spawns processes and needs its own venv)."""
+    from clp_jax.bench.vllm_peer import run_worker
+
+    return run_worker(request, request.pop("workdir"), timeout=1200)
 
 
 def _vllm_venv_or_skip():
-    if os.path.exists(VLLM_PYTHON):
+    from clp_jax.bench.vllm_peer import vllm_python
+
+    if os.path.exists(vllm_python()):
         return
-    msg = f"no vLLM venv at {VLLM_PYTHON}: run `bash .ci/serve_venv.sh` (or set CLP_VLLM_PYTHON)"
+    msg = f"no vLLM venv at {vllm_python()}: run `bash .ci/serve_venv.sh` (or set CLP_VLLM_PYTHON)"
     if os.environ.get("CI"):
         pytest.fail(msg)
     pytest.skip(msg)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-PEER_NAMES = {"hf_greedy": "transformers greedy", "hf_lookup": "transformers prompt lookup"}
+PEER_NAMES = {"hf_greedy": "transformers greedy", "hf_lookup": "transformers prompt lookup",
+              "vllm": "vLLM greedy", "vllm_mtp": "vLLM + our draft layer (MTP)"}
 
 
 def _fmt(x, spec=".2f", none="-"):
@@ -39,7 +40,7 @@ def markdown(report: dict) -> str:
         cells = []
         for name in sets:
             x = m["sets"][name]
-            cell = f"{x['speedup']:.2f}x / {x['tokens_per_pass']:.2f} / {x['exact_match']:.2f}"
+            cell = f"{x['speedup']:.2f}x / {_fmt(x.get('tokens_per_pass'))} / {x['exact_match']:.2f}"
             if label.startswith("verify") and x.get("policy"):
                 cell += f"; ar-cost {100 * x['policy']['ar_cost_share']:.0f}%, {x['policy']['drafts_per_pass']:.2f}"
             cells.append(cell)

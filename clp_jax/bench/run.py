@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from clp_jax.bench import quality, roofline
 from clp_jax.bench import report as bench_report
 from clp_jax.bench.peers import PEERS, TransformersPeer
+from clp_jax.bench.vllm_peer import VLLM_PEERS, check_vllm, vllm_runs
 from clp_jax.decode import options
 from clp_jax.decode.loop import (DRAFT_BUDGETS, DRAFT_SOURCES, MIN_PROMPT_BUCKET, DecodeConfig, DecodeResult, Decoder,
                                  _bucket)
@@ -127,6 +128,16 @@ def _costs_of(decoders: dict) -> dict | None:
     return None
 
 
+def vllm_acceptance(spec: dict, tokens: int, prompts: int) -> dict:
+    """tokens per pass and per-position acceptance of vLLM's MTP drafts from its counters."""
+    chains = max(spec.get("vllm:spec_decode_num_drafts", 0), 1)
+    per_pos = [spec[key] / chains for key in sorted((k for k in spec if "accepted_tokens_per_pos" in k),
+                                                key=lambda k: int(k.rsplit("[", 1)[1].rstrip("]")))]
+    # each draft chain rides one decoding pass; the prefill emits each prompt's first token
+    return {"tokens_per_pass": tokens / (chains + prompts), "head_acceptance": [round(a, 4) for a in per_pos],
+            "vllm_spec": spec}
+
+
 def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
     """Compiles prefill and loop for every prompt bucket, so no timed run pays for compilation."""
     seen = set()
@@ -189,7 +200,12 @@ def parse_args(argv=None):
                         "clp; sources: heads, lookup, both; default source: decode.py's): the first is `verify`, "
                         "the others `verify@VARIANT`")
     p.add_argument("--clp-confidences", default="", help="also run clp with these confidence margins, e.g. 0.5")
-    p.add_argument("--peers", default="hf_greedy,hf_lookup", help="transformers peers, or 'none'")
+    p.add_argument("--peers", default="hf_greedy,hf_lookup",
+                   help="transformers peers (hf_greedy, hf_lookup) and vLLM's (vllm, vllm_mtp: the venv of "
+                        "`bash .ci/serve_venv.sh`), or 'none'")
+    p.add_argument("--vllm-spec-tokens", type=int, default=1,
+                   help="vllm_mtp: drafts per step (vLLM reuses the one MTP layer at every position; on this CPU 1 "
+                        "beat 3)")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_lookup")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test run")
     p.add_argument("--out", default="bench_out")
@@ -219,7 +235,8 @@ def _load_backbone(args):
 def run(args) -> int:
 
     sets, modes, peers = _split(args.sets), _split(args.modes), _split(args.peers)
-    for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, PEERS)):
+    allowed_peers = PEERS + VLLM_PEERS
+    for name, given, allowed in (("set", sets, SETS), ("mode", modes, ("ar",) + MTP_MODES), ("peer", peers, allowed_peers)):
         bad = sorted(set(given) - set(allowed))
         if bad:
             raise ValueError(f"Unknown {name}(s) {bad}; choose from {', '.join(allowed)}.")
@@ -233,9 +250,19 @@ def run(args) -> int:
         verify_variant(v)
     mtp = [m for m in modes if m != "ar"]
     options.check_decode_args(args)
+    vllm_peers = [p for p in peers if p in VLLM_PEERS]
+    if vllm_peers:
+        check_vllm()
+        if not mtp:
+            raise ValueError("The vLLM peers serve the heads' draft layer: add a drafting mode to --modes "
+                             "(e.g. --modes ar,verify) so the heads load.")
+        if not 1 <= args.vllm_spec_tokens <= 16:
+            raise ValueError(f"--vllm-spec-tokens must lie in 1..16, got {args.vllm_spec_tokens}.")
     heads_src = options.heads_source(args.heads, args.model, mtp[0] if mtp else "ar", args.k)
     backbone = _load_backbone(args)
     heads = options.build_heads(heads_src, backbone.cfg, args.k)
+    if vllm_peers and heads.cfg.kind != "draft_layer":
+        raise ValueError(f"The vLLM peers serve a draft layer; these heads are {heads.cfg.kind!r}.")
     k = args.k or (heads.cfg.k if heads is not None else 1)
     samples = load_samples(backbone.tokenizer, sets, args.limit)
     verify_ks = [int(x) for x in _split(args.verify_ks)]
@@ -244,6 +271,7 @@ def run(args) -> int:
     configs = mode_configs(modes, taus, k, args.max_new_tokens, verify_ks,
                            [float(c) for c in _split(args.clp_confidences)], variants)
     report = measure(backbone, heads, samples, configs, peers, lookup_tokens=args.lookup_tokens,
+                     vllm_spec_tokens=args.vllm_spec_tokens,
                      timeout=args.timeout, progress=not args.no_progress)
     report["meta"].update(command=args.command, dtype=args.dtype, heads=heads_src)
     os.makedirs(args.out, exist_ok=True)
@@ -259,7 +287,7 @@ def run(args) -> int:
 
 def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, DecodeConfig],
             peers: Sequence[str] = (), lookup_tokens: int = 10, timeout: float = 10.0,
-            progress: bool = True) -> dict:
+            progress: bool = True, vllm_spec_tokens: int = 1) -> dict:
     """Compiles every decoder, decodes each prompt with every method in turn, scores; returns the report."""
 
     decoders = {label: Decoder(backbone.model, heads, dc, backbone.eos_token_ids) for label, dc in configs.items()}
@@ -270,25 +298,33 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
     t_compile = time.perf_counter()
     for d in tqdm(decoders.values(), desc="compiling", disable=not progress):
         warm_up(d, samples)
+    hf_peers = [p for p in peers if p in PEERS]
+    vllm_peers = [p for p in peers if p in VLLM_PEERS]
+    if vllm_peers:
+        check_vllm()  # before the long part
     peer = None
-    if peers:
-
+    if hf_peers:
         peer = TransformersPeer(backbone.model, backbone.eos_token_ids, backbone.tokenizer.pad_token_id)
         peer.generate(samples[0].ids, 2)  # first-call overheads
     log.info("compiled %d decoders in %.1f s", len(decoders), time.perf_counter() - t_compile)
 
     max_new_tokens = next(iter(configs.values())).max_new_tokens
-    runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + list(peers)}
+    runs: dict[str, list[Run]] = {label: [] for label in list(decoders) + hf_peers}
     bar = tqdm(total=len(samples) * len(runs), desc="decoding", disable=not progress)
     for s in samples:  # every method on one prompt, then the next prompt: drifts hit all alike
         for label, d in decoders.items():
             runs[label].append(run_decoder(d, s.ids))
             bar.update()
-        for name in peers:
+        for name in hf_peers:
             r = peer.generate(s.ids, max_new_tokens, lookup_tokens if name == "hf_lookup" else 0)
             runs[name].append(Run(r.tokens, None, r.seconds, r.passes))
             bar.update()
     bar.close()
+    vllm = {}
+    if vllm_peers:  # vLLM's own engines, in their venv, after clp_jax's runs (one process cannot hold both)
+        vllm = vllm_runs(backbone, heads, [s.ids for s in samples], max_new_tokens, vllm_spec_tokens, vllm_peers)
+        for name, v in vllm.items():
+            runs[name] = [Run(r.tokens, None, r.seconds, len(r.tokens)) for r in v["runs"]]
 
     tok = backbone.tokenizer
     sets = list(dict.fromkeys(s.set for s in samples))
@@ -310,6 +346,10 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         if label in decoders:
             m["compile_seconds"] = decoders[label].compile_seconds
             m["memory_bytes"] = decoders[label].memory_bytes()
+        if label == "vllm_mtp":  # passes and acceptance from vLLM's counters (over all prompts)
+            m.update(vllm_acceptance(vllm[label]["spec"], m["tokens"], len(rs)))
+            for name in sets:
+                m["sets"][name].pop("tokens_per_pass", None)
         results[label] = m
 
     ar_runs = runs["ar"]
@@ -325,6 +365,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         "k": next(iter(configs.values())).k,
         "prompts": {name: sum(s.set == name for s in samples) for name in sets},
         "max_new_tokens": max_new_tokens, "lookup_tokens": lookup_tokens,
+        "vllm_spec_tokens": vllm_spec_tokens if "vllm_mtp" in vllm_peers else None,
         "roofline": roofline.roofline(backbone.model, ar_pass),
         "pass_costs": _costs_of(decoders),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
