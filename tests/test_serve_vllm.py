@@ -88,8 +88,8 @@ def test_vllm_serves_the_export_like_ar_and_verify(served, k):
     from clp_jax.decode.loop import DecodeConfig, Decoder
 
     model, heads, out, prompts, ar_tokens = served
-    fixed = {"draft_budget": "fixed"} if "draft_budget" in DecodeConfig.__dataclass_fields__ else {}
-    dc = DecodeConfig(mode="verify", k=k, max_new_tokens=NEW, **fixed)  # all k drafts every pass, as vLLM
+    # all k drafts of the draft layer every pass, as vLLM (no budget, no drafts from the context)
+    dc = DecodeConfig(mode="verify", k=k, max_new_tokens=NEW, draft_budget="fixed", draft_source="heads")
     verify = Decoder(model, heads, dc).generate(prompts)
     assert verify.tokens == ar_tokens
     result = run_vllm({"model": out, "prompts": prompts, "max_tokens": NEW, "num_speculative_tokens": k,
