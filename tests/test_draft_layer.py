@@ -16,9 +16,9 @@ from clp_jax.model.kv_cache import LayerCache
 NEW = 20
 
 
-def draft_heads(model, k=3, seed=5, vocab=None, scale=0.05):
+def draft_heads(model, k=3, seed=5, vocab=None, scale=0.05, **kw):
     """Draft-layer heads copied from the backbone's last layer, with random perturbations."""
-    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=k, kind="draft_layer"), rngs=nnx.Rngs(seed),
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=k, kind="draft_layer", **kw), rngs=nnx.Rngs(seed),
                   draft_vocab=vocab)
     heads.drafter.init_from_backbone(model)
     state = nnx.state(heads, nnx.Param)
@@ -34,10 +34,20 @@ def ar_tokens(model, prompts):
     return Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=NEW)).generate(prompts).tokens
 
 
-def test_unrolled_training_equals_cached_chain(model):
+def with_final_norm(model, seed=1):
+    """A copy of the backbone whose final norm scale is far from ones (it matters for `trunk_feature`)."""
+    model = nnx.clone(model)
+    g = model.final_norm.scale[...]
+    model.final_norm.scale[...] = g * jnp.exp(0.5 * jax.random.normal(jax.random.key(seed), g.shape, g.dtype))
+    return model
+
+
+@pytest.mark.parametrize("trunk", ["final_norm", "pre_norm"])
+def test_unrolled_training_equals_cached_chain(model, trunk):
     """Step j of the training-time test at position p0+j-1 == the decoder's cached chain from p0."""
     k, T = 3, 12
-    heads = draft_heads(model, k)
+    model = with_final_norm(model)
+    heads = draft_heads(model, k, trunk_feature=trunk)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 128, (1, T)), jnp.int32)
     positions = jnp.arange(T, dtype=jnp.int32)[None]
     hidden, _ = model(tokens, positions)
@@ -50,8 +60,29 @@ def test_unrolled_training_equals_cached_chain(model):
         np.testing.assert_allclose(f[0, 0], unrolled[0, 0, p0], atol=2e-5)
         for j in range(1, k):  # teacher-forced tokens x_{p0+j+1}, as in training
             f, cache = heads.drafter.step(model, f, tokens[:, p0 + j + 1:p0 + j + 2], positions[:, p0 + j:p0 + j + 1],
-                                          cache)
+                                          cache, from_trunk=False)
             np.testing.assert_allclose(f[0, 0], unrolled[j, 0, p0 + j], atol=2e-5)
+
+
+def test_pre_norm_step_reads_what_mimo_engines_feed(model):
+    """With trunk_feature "pre_norm", step 1 given the trunk's final-normed state y = FinalNorm(x) fuses exactly
+    what a MiMo-MTP layer computes from the pre-norm x (RMSNorm_h(x), as vLLM feeds it); "final_norm" does not."""
+    model = with_final_norm(model)
+    D = model.cfg.hidden_size
+    x = 3.0 * jax.random.normal(jax.random.key(2), (2, 5, D))  # the final norm's input, any scale
+    y = model.final_norm(x)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 5)), jnp.int32)
+
+    def mimo(layer):  # input_proj(cat[hidden_layernorm(x), token_layernorm(embed)])
+        cat = jnp.concatenate([layer.norm_feature(x), layer.norm_token(model.embed(tokens))], -1)
+        return cat @ layer.fuse[...]
+
+    pre = draft_heads(model, trunk_feature="pre_norm").drafter
+    np.testing.assert_allclose(pre._fused(model, y, tokens, from_trunk=True), mimo(pre), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(pre._fused(model, y, tokens, from_trunk=False),  # its own features: as given
+                               draft_heads(model).drafter._fused(model, y, tokens, from_trunk=True), atol=1e-6)
+    final = draft_heads(model, trunk_feature="final_norm").drafter
+    assert float(jnp.max(jnp.abs(final._fused(model, y, tokens, from_trunk=True) - mimo(final)))) > 1e-2
 
 
 def test_unrolled_ignores_the_future(model):

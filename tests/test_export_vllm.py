@@ -65,7 +65,7 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def exported(backbone, tmp_path_factory):
-    heads = draft_heads(backbone.model).with_calibration([1.5, 1.2, 0.8])
+    heads = draft_heads(backbone.model, trunk_feature="pre_norm").with_calibration([1.5, 1.2, 0.8])
     out = str(tmp_path_factory.mktemp("mimo") / "export")
     notes = mimo.export(out, backbone, heads, source="test")
     return heads, out, notes
@@ -127,6 +127,7 @@ def test_round_trip_drafts_exactly_as_before(backbone, exported):
     imported = load_heads(out, back.cfg)
     assert imported.cfg.kind == "draft_layer" and imported.cfg.k == 3 and imported.gate is None
     assert imported.calibration_list() == heads.calibration_list()
+    assert imported.cfg.trunk_feature == "pre_norm"  # what engines feed: recorded, and a foreign export's default
     a, b = _drafts(backbone.model, heads, 3), _drafts(back.model, imported, 3)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.logits, b.logits)
@@ -138,6 +139,7 @@ def test_draft_vocabulary_is_dropped_and_bf16_kept(backbone, tmp_path):
     heads = draft_heads(backbone.model, k=2, vocab=np.arange(0, 128, 3), param_dtype="bfloat16")
     notes = mimo.export(str(tmp_path), backbone, heads, dtype="bfloat16")
     assert any("full vocabulary" in n for n in notes)
+    assert any('"pre_norm" export exactly' in n for n in notes)  # these heads read the final-normed state
     imported = load_heads(str(tmp_path), backbone.cfg)
     assert imported.draft_vocab is None and imported.drafter.fuse[...].dtype == jnp.bfloat16
     want, got = _drafts(backbone.model, heads.with_draft_vocab(None), 2), _drafts(backbone.model, imported, 2)

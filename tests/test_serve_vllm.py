@@ -38,8 +38,9 @@ def _vllm_venv_or_skip():
 
 def tiny_servable(seed: int = 3):
     """A tiny random Qwen2 of a geometry vLLM's CPU attention serves (head_dim 64) and a draft layer copied from
-    its last layer plus noise (right about 40% of the time). Its final norm is all ones: the one case where
-    MiMo's pre-norm feature input equals clp_jax's final-normed one, so vLLM's drafts must be clp_jax's."""
+    its last layer plus noise (right about 40% of the time), reading the trunk's pre-norm direction as vLLM feeds
+    it (`trunk_feature = "pre_norm"`). The final norm is far from ones, so a layer that read the final-normed state
+    instead would draft differently in vLLM."""
     import jax
     from flax import nnx
 
@@ -49,7 +50,11 @@ def tiny_servable(seed: int = 3):
     cfg = tiny_config(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=2, num_kv_heads=1,
                       head_dim=64, tie_word_embeddings=True)
     model = scaled_random_model(cfg, seed=seed)
-    heads = Heads(HeadsConfig.for_backbone(cfg, k=3, kind="draft_layer", gate=False), rngs=nnx.Rngs(seed))
+    g = model.final_norm.scale[...]
+    # x3 sharpens the logits (fewer near-ties between two engines' float sums), the noise makes it uneven
+    model.final_norm.scale[...] = 3.0 * g * jax.numpy.exp(0.5 * jax.random.normal(jax.random.key(seed + 1), g.shape))
+    heads = Heads(HeadsConfig.for_backbone(cfg, k=3, kind="draft_layer", gate=False, trunk_feature="pre_norm"),
+                  rngs=nnx.Rngs(seed))
     heads.drafter.init_from_backbone(model)
     state = nnx.state(heads.drafter, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)

@@ -98,7 +98,7 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
     for j in range(1, k):
         def more(op, j=j):
             f, lc, token = op
-            f, lc = layer.step(model, f, token[:, None], pos + j, lc)
+            f, lc = layer.step(model, f, token[:, None], pos + j, lc, from_trunk=False)
             return (f, lc) + draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
 
         def stop(op):

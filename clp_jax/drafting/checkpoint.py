@@ -145,8 +145,10 @@ def _mimo_heads_config(path: str) -> HeadsConfig:
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json is not a Qwen2 MiMo-MTP config ({e}).") from e
     record = hf.get(mimo.RECORD) or {}
+    # an export without clp_jax's record (a foreign MiMo-MTP model) reads the pre-norm state, as engines feed it
+    trunk = record.get("trunk_feature", "final_norm" if record else "pre_norm")
     return HeadsConfig.for_backbone(backbone, k=int(record.get("k", 1)), kind="draft_layer", gate=False,
-                                    param_dtype=record.get("param_dtype", "float32"))
+                                    param_dtype=record.get("param_dtype", "float32"), trunk_feature=trunk)
 
 
 def _load_mimo_heads(path: str, backbone_cfg: ModelConfig | None) -> Heads:

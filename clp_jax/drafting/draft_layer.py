@@ -8,6 +8,11 @@ backbone's last layer) whose attention reads the draft layer's keys/values of ea
 returns a new feature in the trunk's output space (the backbone's final norm): `LM(feature)` scores the
 token at p+2.
 
+Where step 1 reads the trunk (`trunk_feature`): "final_norm" uses h_p as LM(h_p) reads it; "pre_norm" uses the
+final norm's input direction, h_p / g_final = x_p / rms(x_p), so that RMSNorm(f) equals what a MiMo-MTP engine
+computes from the pre-norm state it hands its MTP layer (vLLM does): an export then drafts exactly as here.
+Both carry the same information; the choice is fixed at training time.
+
 Two ways to run it, with the same numbers:
 * decoding (`step`): a static-shape KV cache of its own. Entries at committed positions q are written
   from (h_q, x_{q+1}) of the pass that verified them; speculative entries of a chain (steps 2..k) lie
@@ -30,14 +35,20 @@ from clp_jax.model.layers import RMSNorm, apply_rope, logical, rope_angles
 from clp_jax.model.qwen2 import DecoderLayer
 
 
+TRUNK_FEATURES = ("final_norm", "pre_norm")
+
+
 class DraftLayer(nnx.Module):
     """Fuse + one Qwen2 decoder layer; the backbone's embedding, final norm and output projection are
     borrowed at call time (frozen, never stored here)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, trunk_feature: str = "final_norm", rngs: nnx.Rngs):
+        if trunk_feature not in TRUNK_FEATURES:
+            raise ValueError(f"trunk_feature must be one of {TRUNK_FEATURES}, got {trunk_feature!r}.")
         D = cfg.hidden_size
         pd = cfg.jnp_param_dtype
         self.cfg = cfg
+        self.trunk_feature = trunk_feature
         self.norm_feature = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.norm_token = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         # [2D, D]; starts as feature + token embedding (both normalised), refined by training
@@ -51,18 +62,23 @@ class DraftLayer(nnx.Module):
         state = nnx.state(backbone.layers[-1], nnx.Param)
         nnx.update(self.layer, jax.tree.map(lambda x: jnp.array(x, dtype=self.cfg.jnp_param_dtype), state))
 
-    def _fused(self, backbone, features: jax.Array, tokens: jax.Array) -> jax.Array:
-        """features [B, T, D], tokens [B, T] -> fused input [B, T, D]."""
+    def _fused(self, backbone, features: jax.Array, tokens: jax.Array, from_trunk: bool) -> jax.Array:
+        """features [B, T, D] (the trunk's when `from_trunk`, else the draft layer's own), tokens [B, T] ->
+        fused input [B, T, D]."""
         dt = features.dtype
+        if from_trunk and self.trunk_feature == "pre_norm":
+            g = backbone.final_norm.scale[...].astype(dt)  # [D]
+            features = features / jnp.where(g == 0, 1, g)  # x / rms(x): the final norm's input direction
         e = backbone.embed(tokens).astype(dt)
         x = jnp.concatenate([self.norm_feature(features), self.norm_token(e)], axis=-1)  # [B, T, 2D]
         return jnp.einsum("BTE,ED->BTD", x, self.fuse[...].astype(dt))
 
     def step(self, backbone, features: jax.Array, tokens: jax.Array, positions: jax.Array,
-             cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-        """One cached pass: features [B, T, D] (trunk space), tokens [B, T] (the token after each position),
-        positions [B, T] -> (new features [B, T, D] in trunk space, cache with these T entries written)."""
-        x = self._fused(backbone, features, tokens)
+             cache: LayerCache, from_trunk: bool = True) -> tuple[jax.Array, LayerCache]:
+        """One cached pass: features [B, T, D] (trunk space: the trunk's states, or with from_trunk=False the
+        draft layer's own output), tokens [B, T] (the token after each position), positions [B, T] -> (new
+        features [B, T, D] in trunk space, cache with these T entries written)."""
+        x = self._fused(backbone, features, tokens, from_trunk)
         out, cache = self.layer(x, positions, cache)
         return backbone.final_norm(out), cache
 
@@ -90,7 +106,7 @@ class DraftLayer(nnx.Module):
             all_logits.append(logits)
             tokens.append(token)
             if j + 1 < k:
-                f, layer_cache = self.step(backbone, f, token[:, None], pos + j + 1, layer_cache)
+                f, layer_cache = self.step(backbone, f, token[:, None], pos + j + 1, layer_cache, from_trunk=False)
         return jnp.stack(all_logits, 1), jnp.stack(tokens, 1), (layer_cache,)
 
     # ------------------------------------------------------------------ training-time test
@@ -114,7 +130,7 @@ class DraftLayer(nnx.Module):
         for j in range(k):
             if j > 0:  # step j+1 at p reads step j's output at p-1
                 feats = jnp.concatenate([jnp.zeros_like(feats[:, :1]), outs[-1][:, :-1]], axis=1)
-            x = self._fused(backbone, feats, next_tokens)
+            x = self._fused(backbone, feats, next_tokens, from_trunk=j == 0)
             out, kv = self._train_block(x, positions, keys, values)
             keys.append(kv[0])
             values.append(kv[1])

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clp_jax.drafting.draft_layer import DraftLayer
+from clp_jax.drafting.draft_layer import TRUNK_FEATURES, DraftLayer
 from clp_jax.model.config import ModelConfig
 from clp_jax.model.layers import logical
 from clp_jax.model.numerics import NEG_LOGIT
@@ -45,12 +45,18 @@ class HeadsConfig:
     gate: bool = True  # include the gate baseline (its own k heads, offset 0, and the MLP gate)
     gate_hidden: int = 640
     param_dtype: str = "float32"
+    # draft_layer: what step 1 reads of the trunk (drafting/draft_layer.py): "final_norm" (h, as the LM head
+    # reads it) or "pre_norm" (the final norm's input direction, what MiMo-MTP engines such as vLLM hand their MTP
+    # layer: an export then drafts exactly as here). Checkpoints without the field are "final_norm".
+    trunk_feature: str = "final_norm"
 
     def __post_init__(self):
         if not 1 <= self.k <= MAX_K:
             raise ValueError(f"HeadsConfig.k must be in 1..{MAX_K}, got {self.k}.")
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"HeadsConfig.kind must be one of {HEAD_KINDS}, got {self.kind!r}.")
+        if self.trunk_feature not in TRUNK_FEATURES:
+            raise ValueError(f"HeadsConfig.trunk_feature must be one of {TRUNK_FEATURES}, got {self.trunk_feature!r}.")
         if self.kind == "draft_layer" and not self.layer:
             raise ValueError("A draft_layer HeadsConfig needs the backbone geometry: use HeadsConfig.for_backbone.")
         object.__setattr__(self, "layer", tuple((str(a), b) for a, b in self.layer))  # JSON lists -> pairs
@@ -288,7 +294,8 @@ class Heads(nnx.Module):
 DRAFTERS = {
     "medusa": lambda cfg, rngs: MTPHeads(cfg.hidden_size, cfg.k, conditioned=cfg.conditioned,
                                          param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs),
-    "draft_layer": lambda cfg, rngs: DraftLayer(cfg.layer_config().replace(param_dtype=cfg.param_dtype), rngs=rngs),
+    "draft_layer": lambda cfg, rngs: DraftLayer(cfg.layer_config().replace(param_dtype=cfg.param_dtype),
+                                                trunk_feature=cfg.trunk_feature, rngs=rngs),
 }
 
 

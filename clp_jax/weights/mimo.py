@@ -183,6 +183,11 @@ def check_exportable(heads, backbone_cfg: ModelConfig) -> list[str]:
         notes.append(f"The heads draft k={cfg.k} tokens with one shared layer; the export carries that one "
                      "layer (num_nextn_predict_layers=1) and engines reuse it for every speculative token: "
                      f"serve with num_speculative_tokens between 1 and {cfg.k}.")
+    if cfg.trunk_feature != "pre_norm":
+        notes.append("The draft layer reads the trunk's final-normed state; engines hand the MTP layer the state "
+                     "before the final norm, so their first drafts differ slightly from clp_jax's (measured on the "
+                     "demo: first-draft agreement 0.218 vs 0.239). Drafters trained with heads.trunk_feature = "
+                     "\"pre_norm\" export exactly.")
     if heads.draft_vocab is not None:
         notes.append(f"The heads were trained on a {heads.draft_vocab.shape[0]}-token draft vocabulary; the "
                      "export drafts over the full vocabulary through the target's LM head.")
@@ -221,6 +226,7 @@ def export(out_dir: str, backbone, heads, *, dtype: str | None = None,
     eos = tuple(int(i) for i in backbone.eos_token_ids)
     calibration = heads.calibration_list() if hasattr(heads, "calibration_list") else None
     record = {"k": heads.cfg.k, "kind": "draft_layer", "param_dtype": dtype, "calibration": calibration,
+              "trunk_feature": heads.cfg.trunk_feature,
               "source": source, "backbone_source": backbone.source, "notes": notes}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         hf = hf_config(cfg, dtype=dtype, bos_token_id=bos, eos_token_ids=eos, record=record)
