@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 PEER_NAMES = {"hf_greedy": "transformers greedy", "hf_lookup": "transformers prompt lookup",
-              "vllm": "vLLM greedy", "vllm_mtp": "vLLM + our draft layer (MTP)"}
+              "vllm": "vLLM greedy", "vllm_ngram": "vLLM prompt lookup (ngram)",
+              "vllm_mtp": "vLLM + our draft layer (MTP)"}
 
 
 def _fmt(x, spec=".2f", none="-"):

@@ -201,10 +201,10 @@ def parse_args(argv=None):
                         "the others `verify@VARIANT`")
     p.add_argument("--clp-confidences", default="", help="also run clp with these confidence margins, e.g. 0.5")
     p.add_argument("--peers", default="hf_greedy,hf_lookup",
-                   help="transformers peers (hf_greedy, hf_lookup) and vLLM's (vllm, vllm_mtp: the venv of "
+                   help="transformers peers (hf_greedy, hf_lookup) and vLLM's (vllm, vllm_ngram, vllm_mtp: the venv of "
                         "`bash .ci/serve_venv.sh`), or 'none'")
     p.add_argument("--vllm-spec-tokens", type=int, default=1,
-                   help="vllm_mtp: drafts per step (vLLM reuses the one MTP layer at every position; on this CPU 1 "
+                   help="vllm_mtp and vllm_ngram: drafts per step (vLLM reuses the one MTP layer at every position; on this CPU 1 "
                         "beat 3)")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_lookup")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval test run")
@@ -346,8 +346,10 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         if label in decoders:
             m["compile_seconds"] = decoders[label].compile_seconds
             m["memory_bytes"] = decoders[label].memory_bytes()
-        if label == "vllm_mtp":  # passes and acceptance from vLLM's counters (over all prompts)
+        if label in ("vllm_mtp", "vllm_ngram"):  # passes and acceptance from vLLM's counters (over all prompts)
             m.update(vllm_acceptance(vllm[label]["spec"], m["tokens"], len(rs)))
+            if label == "vllm_ngram":  # steps without an n-gram match propose nothing: passes are not chains
+                m["tokens_per_pass"] = None
             for name in sets:
                 m["sets"][name].pop("tokens_per_pass", None)
         results[label] = m
@@ -365,7 +367,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         "k": next(iter(configs.values())).k,
         "prompts": {name: sum(s.set == name for s in samples) for name in sets},
         "max_new_tokens": max_new_tokens, "lookup_tokens": lookup_tokens,
-        "vllm_spec_tokens": vllm_spec_tokens if "vllm_mtp" in vllm_peers else None,
+        "vllm_spec_tokens": vllm_spec_tokens if set(vllm_peers) - {"vllm"} else None,
         "roofline": roofline.roofline(backbone.model, ar_pass),
         "pass_costs": _costs_of(decoders),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -5,8 +5,8 @@ this module exports the backbone and heads in the MiMo-MTP layout (weights/mimo.
 `clp_jax/bench/vllm_worker.py` in that venv's interpreter and reads the tokens and times back. The worker
 imports only vLLM and the standard library.
 
-Peers: `vllm` (plain decoding) and `vllm_mtp` (the draft layer as vLLM's MTP drafter, `num_speculative_tokens`
-drafts per step). Each prompt is generated alone (batch 1, greedy, stopping at EOS, after a warm-up), in
+Peers: `vllm` (plain decoding), `vllm_ngram` (vLLM's own prompt lookup, `num_speculative_tokens` drafts from
+2-4-gram matches) and `vllm_mtp` (the draft layer as vLLM's MTP drafter, `num_speculative_tokens` drafts per step). Each prompt is generated alone (batch 1, greedy, stopping at EOS, after a warm-up), in
 one engine per peer. The engines run after clp_jax's own timed runs, in another process (the two cannot
 share one), so the bench reports their ratio to `ar` end to end and their ratio to each other.
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 
 from clp_jax.bench.peers import PeerResult
 
-VLLM_PEERS = ("vllm", "vllm_mtp")
+VLLM_PEERS = ("vllm", "vllm_ngram", "vllm_mtp")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_worker.py")
 
@@ -66,8 +66,11 @@ def vllm_runs(backbone, heads, prompts: Sequence[Sequence[int]], max_new_tokens:
         model_dir = os.path.join(tmp, "model")
         mimo.export(model_dir, backbone, heads)
         for name in peers:
+            ngram = {"method": "ngram", "num_speculative_tokens": num_speculative, "prompt_lookup_min": 2,
+                     "prompt_lookup_max": 4}
             req = {"model": model_dir, "prompts": [list(map(int, p)) for p in prompts], "max_tokens": max_new_tokens,
                    "num_speculative_tokens": num_speculative if name == "vllm_mtp" else 0, "one_by_one": True,
+                   "speculative_config": ngram if name == "vllm_ngram" else None,
                    "stop_token_ids": list(backbone.eos_token_ids), "max_model_len": max_model_len,
                    "max_num_seqs": 1}
             res = run_worker(req, tmp)
