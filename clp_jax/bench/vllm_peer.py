@@ -41,9 +41,9 @@ def check_vllm() -> str:
     return py
 
 
-def run_worker(request: dict, workdir: str, timeout: float = 3600) -> dict:
+def run_worker(request: dict, workdir: str, timeout: float = 3600, name: str | None = None) -> dict:
     """Runs the worker on `request` in the vLLM venv; returns its output (see vllm_worker.py)."""
-    path = os.path.join(workdir, f"request-{request.get('num_speculative_tokens', 0)}.json")
+    path = os.path.join(workdir, f"request-{name or request.get('num_speculative_tokens', 0)}.json")
     with open(path, "w") as f:
         json.dump(request, f)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "PYTHONPATH"))}
@@ -73,7 +73,7 @@ def vllm_runs(backbone, heads, prompts: Sequence[Sequence[int]], max_new_tokens:
                    "speculative_config": ngram if name == "vllm_ngram" else None,
                    "stop_token_ids": list(backbone.eos_token_ids), "max_model_len": max_model_len,
                    "max_num_seqs": 1}
-            res = run_worker(req, tmp)
+            res = run_worker(req, tmp, name=name)
             runs = [PeerResult(tokens=t, seconds=s, passes=0) for t, s in zip(res["tokens"], res["prompt_seconds"])]
             out[name] = {"runs": runs, "spec": res["spec"]}
     return out
