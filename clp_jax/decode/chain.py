@@ -1,12 +1,11 @@
 """The drafter's chain, step by step, so that a budget can stop it early inside a jitted loop.
 
 The draft layer drafts autoregressively: step 1 runs over the fed chunk (writing its cache for the
-committed positions) and each further step over the draft just made. `run_chain` calls its `step` one
-draft at a time and runs a further step under `lax.cond` only while some row still wants one (on XLA:CPU
-a skipped step costs nothing; computing all k and feeding m costs every step). Drafters that draft
-all positions at once (Medusa heads, test doubles) are called once through `Heads.draft`.
-
-This is `DraftLayer.draft` (clp_jax/drafting/draft_layer.py) with a stopping rule; see the note there.
+committed positions) and each further step over the draft just made. `run_chain` runs that chain
+(`DraftLayer.chain`) with the budget as its stopping rule: a further step runs under `lax.cond` only while
+some row still wants one (on XLA:CPU a skipped step costs nothing; computing all k and feeding m costs
+every step). Drafters that draft all positions at once (Medusa heads, test doubles) are called once
+through `Heads.draft`.
 """
 
 from __future__ import annotations
@@ -84,36 +83,29 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
         return Chain(jnp.where(live, d.tokens, 0), d.logits, jnp.where(live, conf, 0.0), jnp.stack(fed, 1), steps,
                      jnp.where(want, first_cost, 0.0), jnp.argmax(d.length_logits, -1).astype(jnp.int32), d.cache)
 
-    layer = heads.drafter
-    rows = jnp.arange(B)
-    feats, lc = layer.step(model, hidden, next_tokens, positions, cache[0])
-    f = feats[rows, anchor][:, None]  # [B, 1, D]
-    pos = positions[rows, anchor][:, None]  # [B, 1]
-    logits, token, c = draft_scores(heads, model, f, kernel, sample, 0, temperatures[0])
     cost = jnp.where(want, first_cost, 0.0)
-    conf = [jnp.where(want, c, 0.0)]
-    feed, go = after_step(jnp.stack(conf, 1), cost, want)
-    go = go & want
-    out_t, out_l, fed, steps = [jnp.where(want, token, 0)], [logits], [feed], want.astype(jnp.int32)
-    for j in range(1, k):
-        def more(op, j=j):
-            f, lc, token = op
-            f, lc = layer.step(model, f, token[:, None], pos + j, lc, from_trunk=False)
-            return (f, lc) + draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
+    conf, fed, go, steps = [], [], want, jnp.zeros((B,), jnp.int32)
 
-        def stop(op):
-            f, lc, token = op
-            return f, lc, jnp.zeros_like(logits), token, jnp.zeros_like(conf[0])
+    def score(j, f):
+        logits, token, c = draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
+        return token, logits, c
 
-        f, lc, lg, token, c = jax.lax.cond(jnp.any(go), more, stop, (f, lc, token))
-        cost = cost + jnp.where(go, step_cost, 0.0)
+    def account(j, outs):
+        """Books draft j (outs[-1]) for the rows that computed it; returns the rows that draft one more."""
+        nonlocal cost, go, steps
+        if j > 1:
+            cost = cost + jnp.where(go, step_cost, 0.0)
         steps = steps + go
-        conf.append(jnp.where(go, c, 0.0))
-        out_t.append(jnp.where(go, token, 0))
-        out_l.append(lg)
-        feed, go_next = after_step(jnp.stack(conf, 1), cost, feed & go)
+        conf.append(jnp.where(go, outs[-1][2], 0.0))
+        feed, go_next = after_step(jnp.stack(conf, 1), cost, (fed[-1] & go) if fed else want)
         fed.append(feed)
         go = go & go_next
+        return go
+
+    rows = jnp.arange(B)
+    outs, cache = heads.drafter.chain(model, hidden, next_tokens, positions, anchor, k, cache, score, account)
+    account(k, outs)
     clp_count = jnp.argmax(heads.clp(hidden[rows, anchor]), -1).astype(jnp.int32)
-    return Chain(jnp.stack(out_t, 1), jnp.stack(out_l, 1), jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost,
-                 clp_count, (lc,))
+    live = jnp.arange(k)[None, :] < steps[:, None]
+    return Chain(jnp.where(live, jnp.stack([o[0] for o in outs], 1), 0), jnp.stack([o[1] for o in outs], 1),
+                 jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost, clp_count, cache)

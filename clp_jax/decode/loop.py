@@ -115,7 +115,7 @@ class Decoder:
             if dc.mode == "gate" and heads.gate is None:
                 raise ValueError("Mode 'gate' needs heads trained with the gate baseline (HeadsConfig.gate).")
         self.cfg, self.dc = cfg, dc
-        self.width = mode.width
+        self.width, self._drafts = mode.width, mode.drafts
         self.slack = 2 * self.width + dc.k
         self.eos_ids = tuple(eos_ids)
         self._model = model
@@ -141,11 +141,10 @@ class Decoder:
             elif self.dc.mode == "ar":
                 self._costs[batch] = pass_costs.FLAT
             else:
-                drafts = make_mode(self.dc).drafts
                 W = self.width
                 self._costs[batch] = pass_costs.load_or_measure(
-                    self._model, self._heads if drafts else None, max_width=W,
-                    draft_widths=(1, W, GAP + W) if drafts else (), batch=batch,
+                    self._model, self._heads if self._drafts else None, max_width=W,
+                    draft_widths=(1, W, GAP + W) if self._drafts else (), batch=batch,
                     remeasure=self._remeasure)
         return self._costs[batch]
 

@@ -95,19 +95,38 @@ class DraftLayer(nnx.Module):
         """The chain of k drafts after the anchor slot: one pass over the fed chunk writes the committed
         positions' entries and is step 1; steps 2..k feed their own drafts.
         Returns logits [B, k, V], tokens [B, k] and the updated cache."""
+        def score(j, f):
+            logits = logits_fn(f)[:, 0]  # [B, V]
+            return pick(j, logits), logits
+
+        outs, cache = self.chain(backbone, hidden, next_tokens, positions, anchor, k, cache, score)
+        return jnp.stack([o[1] for o in outs], 1), jnp.stack([o[0] for o in outs], 1), cache
+
+    def chain(self, backbone, hidden, next_tokens, positions, anchor, k, cache, score, go_on=None):
+        """The chain itself, with an optional stopping rule.
+
+        score(j, f [B, 1, D]) -> (token [B], ...): draft j's token and whatever else the caller keeps.
+        go_on(j, outs) -> [B] bool, called before step j+1 (j = 1..k-1) with the j outputs so far: step j+1
+        runs under `lax.cond` only while some row wants it (a skipped step costs nothing on XLA:CPU; its
+        outputs are zeros). Returns the k outputs of `score` and the cache."""
         rows = jnp.arange(hidden.shape[0])
         feats, layer_cache = self.step(backbone, hidden, next_tokens, positions, cache[0])
         f = feats[rows, anchor][:, None]  # [B, 1, D]
         pos = positions[rows, anchor][:, None]  # [B, 1]
-        all_logits, tokens = [], []
-        for j in range(k):
-            logits = logits_fn(f)[:, 0]  # [B, V]
-            token = pick(j, logits)
-            all_logits.append(logits)
-            tokens.append(token)
-            if j + 1 < k:
-                f, layer_cache = self.step(backbone, f, token[:, None], pos + j + 1, layer_cache, from_trunk=False)
-        return jnp.stack(all_logits, 1), jnp.stack(tokens, 1), (layer_cache,)
+        outs = [score(0, f)]
+        for j in range(1, k):
+            def more(op, j=j):
+                f, lc = op
+                f, lc = self.step(backbone, f, outs[-1][0][:, None], pos + j, lc, from_trunk=False)
+                return f, lc, score(j, f)
+
+            if go_on is None:
+                f, layer_cache, out = more((f, layer_cache))
+            else:
+                skip = lambda op: op + (jax.tree.map(jnp.zeros_like, outs[-1]),)  # noqa: E731
+                f, layer_cache, out = jax.lax.cond(jnp.any(go_on(j, outs)), more, skip, (f, layer_cache))
+            outs.append(out)
+        return outs, (layer_cache,)
 
     # ------------------------------------------------------------------ training-time test
 
