@@ -100,3 +100,25 @@ def test_bench_rejects_unknown_modes(tmp_path):
     assert bench.main(["--modes", "ar,fast", "--out", str(tmp_path)]) == 2
     with pytest.raises(ValueError, match="fast"):
         bench.run(args)
+
+
+def test_bench_without_a_gate(tiny_setup, tmp_path, monkeypatch):
+    """Heads trained without the gate baseline: the default modes leave the gate row out; asking for it is an
+    error before anything compiles."""
+    backbone, _ = tiny_setup
+    heads_dir = str(tmp_path / "heads")
+    save_heads(heads_dir, random_heads(backbone.cfg, k=2, gate=False), backbone.cfg)
+    monkeypatch.setattr(bench, "_load_backbone", lambda args: backbone)
+    seen = {}
+
+    def measure(backbone, heads, samples, configs, *a, **kw):
+        seen.update(configs)
+        raise KeyboardInterrupt  # stop before compiling
+
+    monkeypatch.setattr(bench, "measure", measure)
+    common = ["--model", "tiny", "--heads", heads_dir, "--limit", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(bench.parse_args(common))
+    assert "gate" not in seen and "verify" in seen and "clp" in seen
+    with pytest.raises(ValueError, match="gate baseline"):
+        bench.run(bench.parse_args(common + ["--modes", "ar,verify,gate"]))

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SETS = ("humaneval", "chat")
 MTP_MODES = ("clp", "verify", "confadapt", "gate")
+DEFAULT_MODES = "ar,clp,verify,confadapt,gate"  # gate only where the heads carry one
 
 
 @dataclasses.dataclass
@@ -192,7 +193,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=None, help="heads used (default: all the checkpoint has)")
-    p.add_argument("--modes", default="ar,clp,verify,confadapt,gate")
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help="comma-separated; the default drops gate for heads trained without the gate baseline")
     p.add_argument("--taus", default="0.5,0.7,0.9", help="confadapt thresholds (a sweep)")
     p.add_argument("--verify-ks", default="", help="also run verify with these numbers of heads, e.g. 1,2")
     p.add_argument("--verify-variants", default="auto,fixed-heads",
@@ -263,6 +265,12 @@ def run(args) -> int:
     heads = options.build_heads(heads_src, backbone.cfg, args.k)
     if vllm_peers and heads.cfg.kind != "draft_layer":
         raise ValueError(f"The vLLM peers serve a draft layer; these heads are {heads.cfg.kind!r}.")
+    if "gate" in modes and heads is not None and heads.gate is None:
+        if args.modes != DEFAULT_MODES:
+            raise ValueError(f"Mode 'gate' needs heads trained with the gate baseline; {heads_src} has none "
+                             "(train with heads.gate = true, or leave gate out of --modes).")
+        log.warning("%s has no gate baseline: the gate row is left out.", heads_src)
+        modes = [m for m in modes if m != "gate"]
     k = args.k or (heads.cfg.k if heads is not None else 1)
     samples = load_samples(backbone.tokenizer, sets, args.limit)
     verify_ks = [int(x) for x in _split(args.verify_ks)]
