@@ -10,6 +10,13 @@ from flax import nnx
 from clp_jax.model.config import ModelConfig
 from clp_jax.drafting.heads import Drafts, Heads, HeadsConfig
 from clp_jax.model.qwen2 import init_model
+from clp_jax.decode.pass_costs import PassCosts
+
+
+# This CPU's pass-cost shape (DESIGN.md 7-8): 2-4 slots ~1.35-1.40x a one-slot pass, a draft step ~0.075. Tests
+# that assert how much the draft budget feeds use it: a table timed on a tiny model is microseconds of noise.
+CPU_COSTS = PassCosts(width=(1.0, 1.35, 1.38, 1.40, 1.55),
+                      draft_first=(0.075, 0.08, 0.085, 0.09, 0.1, 0.1, 0.1, 0.1, 0.1, 0.11, 0.11, 0.12), draft_step=0.075)
 
 
 def tiny_config(**kw) -> ModelConfig:

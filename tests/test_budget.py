@@ -12,14 +12,11 @@ from flax import nnx
 from clp_jax.decode import budget, pass_costs
 from clp_jax.decode.budget import Budget, Stats
 from clp_jax.decode.loop import DecodeConfig, Decoder
-from clp_jax.decode.pass_costs import PassCosts
 from clp_jax.drafting.heads import Drafts, Heads, HeadsConfig
 
-from helpers import OracleHeads, reference_table
+from helpers import CPU_COSTS, OracleHeads, reference_table
 
-# This CPU's shape (DESIGN.md 7-8): 2-4 slots ~1.35-1.40x a one-slot pass, a draft step ~0.075.
-CPU = PassCosts(width=(1.0, 1.35, 1.38, 1.40, 1.55), draft_first=(0.075, 0.08, 0.085, 0.09, 0.1, 0.1, 0.1, 0.1, 0.1,
-                                                                  0.11, 0.11, 0.12), draft_step=0.075)
+CPU = CPU_COSTS
 NEW = 96
 
 
@@ -56,6 +53,8 @@ def test_always_wrong_drafts_cost_at_most_5_percent_more_than_ar(model, prompts,
     print(f"wrong drafts ({source}): {float(out.cost.sum()):.2f} one-slot passes against ar's {ar_cost:.0f} "
           f"(passes {pass_cost:.2f}, widths {widths.tolist()}, drafts fed {out.fed.sum(0).tolist()})")
     assert float(out.cost.sum()) <= 1.05 * ar_cost
+    if source == "heads":  # once the row has learnt, its probes only look: no further pass is wider than ar's
+        assert widths[1:].sum() <= 3
     if source == "heads":  # the fixed budget pays for every wrong draft
         fixed = Decoder(model, WrongHeads(model.cfg, 3, table), dc.replace(draft_budget="fixed"), costs=CPU)
         assert float(fixed.generate(prompts[1:2]).cost.sum()) > 1.3 * ar_cost
@@ -116,9 +115,28 @@ def test_budget_rule():
     feed, more = b.after_step(jnp.asarray([[0.05]]), D, yes)
     assert not bool(more[0]) and not bool(feed[0])
     # the online correction: drafts seen wrong at confidence 0.9 count for much less
-    wrong = Stats(jnp.zeros((1, 3)), jnp.full((1, 3), 5.0), jnp.zeros((1,)))
+    wrong = Stats(jnp.zeros((1, 3)), jnp.full((1, 3), 20.0), jnp.zeros((1,)))
     c = float(b.corrected(jnp.asarray([[0.9]]), wrong)[0, 0])
-    assert c == pytest.approx(0.9 * budget.PRIOR / (5.0 + budget.PRIOR)) and c < 0.3
+    assert c == pytest.approx(0.9 * budget.PRIOR / (20.0 + budget.PRIOR)) and c < 0.3
+
+
+def test_a_probe_only_looks():
+    """A row whose drafting has not paid drafts one step, feeds nothing, and learns from the free check of
+    that draft what feeding it would have earned; a drafting row that fed nothing just paid for drafting."""
+    b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
+    k, cost = 3, 0.075
+    stats = Stats(jnp.zeros((2, k)), jnp.zeros((2, k)), jnp.asarray([-0.1, 0.2]))  # row 0 probes
+    assert b.probing(stats).tolist() == [True, False]
+    conf = jnp.asarray([[0.9, 0, 0], [0.9, 0, 0]])
+    none, yes = jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool)
+    after = b.observe(stats, conf, none, none, (yes, jnp.ones((2,))), yes, jnp.full((2,), cost), yes)
+    g_probe = 1.0 - (CPU.width[1] - CPU.width[0]) - cost
+    r = budget.GAIN_RATE
+    assert float(after.gain[0]) == pytest.approx((1 - r) * -0.1 + r * g_probe)  # right: drafting resumes
+    assert float(after.gain[1]) == pytest.approx((1 - r) * 0.2 - r * cost)
+    assert float(after.hit[0, 0]) == 1.0 and float(after.seen[0, 0]) == pytest.approx(0.9)
+    wrong = b.observe(stats, conf, none, none, (yes, jnp.zeros((2,))), yes, jnp.full((2,), cost), yes)
+    assert float(wrong.gain[0]) < float(stats.gain[0])
 
 
 def test_pass_cost_table_is_measured_once_and_cached(model, monkeypatch, tmp_path):

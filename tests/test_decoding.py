@@ -9,7 +9,7 @@ from clp_jax.decode.loop import Decoder, DecodeConfig
 from clp_jax.model.kv_cache import init_cache
 from clp_jax.decode.sampling import SamplingConfig
 
-from helpers import (OracleHeads, forced_length_heads, random_heads, reference_table, tiny_config, zero_heads)
+from helpers import (CPU_COSTS, OracleHeads, forced_length_heads, random_heads, reference_table, tiny_config, zero_heads)
 
 NEW = 24
 
@@ -80,7 +80,7 @@ def test_verify_equals_ar(model, prompts, ar_tokens, kind, batch, adaptive):
     want = ar_tokens if batch == 3 else ar_tokens[1:2]
     dc = DecodeConfig(mode="verify", k=k, max_new_tokens=NEW, adaptive_width=adaptive,
                       draft_source="heads" if kind == "oracle" else "both")
-    out = Decoder(model, heads, dc).generate(rows)
+    out = Decoder(model, heads, dc, costs=CPU_COSTS if kind == "oracle" else None).generate(rows)
     assert out.tokens == want
     if kind == "oracle":
         assert out.tokens_per_pass > 3.0  # k+1 = 4 per pass but for the prefill and the budget's tail

@@ -12,7 +12,10 @@ maximises the rate R(m) = (1 + A_m) / (P(m+1) + D); m = 0 is an `ar`-cost pass.
   one draft step each) beats the best rate it already has.
 * Whether to draft at all: each row keeps a running mean of what drafting gained it, in `ar` passes
   (accepted drafts - extra pass cost - drafting cost); below zero the row stops drafting and decodes at
-  `ar` cost, drafting again every PROBE_EVERY tokens to check.
+  `ar` cost, drafting again every PROBE_EVERY tokens to check. A probe only looks: it drafts one step,
+  feeds nothing (an `ar`-cost pass), and the pass checks its draft for free; its gain is what feeding it
+  would have earned (right - (P(2) - P(1)) - drafting cost), so hopeless drafts cost a probe no more than
+  its one draft step.
 
 Lossless with sampling: whether draft j is fed depends only on the distributions of drafts 1..j (which
 depend on the tokens drawn before j), never on the token drawn at j, so speculative sampling's acceptance
@@ -31,10 +34,10 @@ import numpy as np
 DEFAULT_TEMPERATURE = 1.5  # uncalibrated heads: their first draft's 0.97 is right 0.75 of the time (DESIGN 8)
 # pseudo-observations of the online confidence correction: how far the row's own verified drafts may move the
 # calibration. Measured (HumanEval 100-107 + 6 chat prompts outside the bench, shipped heads, k=3, cost per token in
-# one-slot passes): PRIOR 1 / 5 / 10 / 20 -> 0.833 / 0.792 / 0.799 / 0.800 (at 1 a few misses stop a row's drafting).
-# Above 2 a row whose drafts are always wrong learns it too slowly: its probes feed wrong drafts at full width and
-# cost more than 5% over `ar` (tests/test_budget.py: 3 -> +5.1%, 5 -> +5.9%; 2 -> +3.4%).
-PRIOR = 2.0
+# one-slot passes): PRIOR 1 / 2 / 5 / 10 / 20 -> 0.833 / 0.806 / 0.792 / 0.799 / 0.800 (at 1 a few misses stop a
+# row's drafting). Since probes only look, a row whose drafts are always wrong costs +1.7% over `ar` at 5
+# (tests/test_budget.py; +5.9% when probes fed their drafts).
+PRIOR = 5.0
 DISCOUNT = 0.9  # per observation, older verified drafts count less (the text changes)
 GAIN_INIT = 0.25  # drafting starts on
 GAIN_RATE = 0.3  # running mean of the gain: weight of the newest drafting pass
@@ -123,12 +126,18 @@ class Budget:
         r = jnp.where(jnp.arange(self.k + 1)[None, :] <= steps[:, None], r, -jnp.inf)
         return jnp.argmax(r, axis=1).astype(jnp.int32)
 
+    @staticmethod
+    def probing(stats: Stats) -> jax.Array:
+        """[B] rows whose drafting has not paid: they draft only to look (one step, nothing fed)."""
+        return stats.gain <= 0
+
     def observe(self, stats: Stats, conf: jax.Array, fed: jax.Array, n_acc: jax.Array,
                 extra: tuple[jax.Array, jax.Array], drafted: jax.Array, cost: jax.Array, active: jax.Array) -> Stats:
         """Updates a row's statistics after a pass verified its `fed` [B] drafts (confidences conf [B, k],
         n_acc accepted). `extra` = (observed [B], right [B]): the first draft when it was computed but not
         fed, checked against the backbone's token for free (greedy: 0/1; sampled: its acceptance
-        probability). `drafted` [B]: the row drafted for this pass, at `cost` [B] (drafting only)."""
+        probability). `drafted` [B]: the row drafted for this pass, at `cost` [B] (drafting only). `stats`
+        are the ones the pass was planned with, so a probing row's pass was a probe."""
         k = self.k
         j = jnp.arange(k)[None, :]
         seen_now = (j < fed[:, None]) & (j <= n_acc[:, None])  # verified with every earlier draft right
@@ -141,5 +150,6 @@ class Budget:
         seen = jnp.where(upd, DISCOUNT * stats.seen + conf, stats.seen)
         extra_pass = jnp.asarray(self.P)[fed] - self.P[0]
         g = n_acc.astype(jnp.float32) - extra_pass - cost
+        g = jnp.where(self.probing(stats) & obs, ok - (self.P[1] - self.P[0]) - cost, g)  # what feeding it would earn
         gain = jnp.where(drafted & active, (1 - GAIN_RATE) * stats.gain + GAIN_RATE * g, stats.gain)
         return Stats(hit, seen, gain)

@@ -68,44 +68,40 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
       want: [B] rows that draft at all (the others' results are computed, unused, and cost them nothing).
     """
     B = hidden.shape[0]
-    if not has_chain(heads):
-        pick = sample or (lambda j, logits: jnp.argmax(logits, -1).astype(jnp.int32))
-        d = heads.draft(model, hidden, next_tokens, positions, anchor, k, cache, pick, kernel)
-        conf = confidence(d.logits, temperatures[None, :])  # [B, k]
-        fed, go = [], want
-        steps = jnp.zeros((B,), jnp.int32)
-        for j in range(k):
-            steps = steps + go
-            f, go_next = after_step(conf[:, :j + 1], jnp.full((B,), first_cost), fed[-1] if fed else go)
-            fed.append(f & go)
-            go = go & go_next
-        live = jnp.arange(k)[None, :] < steps[:, None]
-        return Chain(jnp.where(live, d.tokens, 0), d.logits, jnp.where(live, conf, 0.0), jnp.stack(fed, 1), steps,
-                     jnp.where(want, first_cost, 0.0), jnp.argmax(d.length_logits, -1).astype(jnp.int32), d.cache)
-
+    chained = has_chain(heads)
     cost = jnp.where(want, first_cost, 0.0)
     conf, fed, go, steps = [], [], want, jnp.zeros((B,), jnp.int32)
 
-    def score(j, f):
-        logits, token, c = draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
-        return token, logits, c
-
-    def account(j, outs):
-        """Books draft j (outs[-1]) for the rows that computed it; returns the rows that draft one more."""
+    def account(j, c):
+        """Books draft j (1-based; calibrated confidence c [B]) for the rows that computed it; returns the rows
+        that draft one more. A chained drafter pays a step per further draft, Medusa heads drafted at once."""
         nonlocal cost, go, steps
-        if j > 1:
+        if j > 1 and chained:
             cost = cost + jnp.where(go, step_cost, 0.0)
         steps = steps + go
-        conf.append(jnp.where(go, outs[-1][2], 0.0))
+        conf.append(jnp.where(go, c, 0.0))
         feed, go_next = after_step(jnp.stack(conf, 1), cost, (fed[-1] & go) if fed else want)
         fed.append(feed)
         go = go & go_next
         return go
 
-    rows = jnp.arange(B)
-    outs, cache = heads.drafter.chain(model, hidden, next_tokens, positions, anchor, k, cache, score, account)
-    account(k, outs)
-    clp_count = jnp.argmax(heads.clp(hidden[rows, anchor]), -1).astype(jnp.int32)
+    if not chained:
+        pick = sample or (lambda j, logits: jnp.argmax(logits, -1).astype(jnp.int32))
+        d = heads.draft(model, hidden, next_tokens, positions, anchor, k, cache, pick, kernel)
+        c = confidence(d.logits, temperatures[None, :])  # [B, k]
+        for j in range(k):
+            account(j + 1, c[:, j])
+        tokens, logits, length_logits, cache = d.tokens, d.logits, d.length_logits, d.cache
+    else:
+        def score(j, f):
+            logits, token, c = draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
+            return token, logits, c
+
+        outs, cache = heads.drafter.chain(model, hidden, next_tokens, positions, anchor, k, cache, score,
+                                          lambda j, outs: account(j, outs[-1][2]))
+        account(k, outs[-1][2])
+        tokens, logits = jnp.stack([o[0] for o in outs], 1), jnp.stack([o[1] for o in outs], 1)
+        length_logits = heads.clp(hidden[jnp.arange(B), anchor])
     live = jnp.arange(k)[None, :] < steps[:, None]
-    return Chain(jnp.where(live, jnp.stack([o[0] for o in outs], 1), 0), jnp.stack([o[1] for o in outs], 1),
-                 jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost, clp_count, cache)
+    return Chain(jnp.where(live, tokens, 0), logits, jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost,
+                 jnp.argmax(length_logits, -1).astype(jnp.int32), cache)

@@ -193,10 +193,13 @@ class Verify(Mode):
                 return fed, jnp.ones_like(fed)
             want = ~use_lookup
         else:
+            probing = self.budget.probing(stats)
+
             def after_step(c, D, fed):
-                return self.budget.after_step(self.budget.corrected(c, stats), D, fed)
+                feed, more = self.budget.after_step(self.budget.corrected(c, stats), D, fed)
+                return feed, more & ~probing  # a probe drafts one step
             # rows whose drafting has not paid stop, but catch up (and look again) every GAP tokens
-            want = active & (((stats.gain > 0) & ~use_lookup) | (vs.gap_n + anchor + 1 > GAP))
+            want = active & ((~probing & ~use_lookup) | (vs.gap_n + anchor + 1 > GAP))
 
         def chain(hidden, nt, pos, anc, width):
             ch = run_chain(heads, model, hidden, nt, pos, anc, k, vs.draft_cache, step.draft_kernel,
@@ -273,6 +276,7 @@ class Verify(Mode):
             c = jnp.where(use_lookup[:, None], self.budget.corrected(ch.conf, lstats),
                           self.budget.corrected(ch.conf, stats))
             m = self.budget.choose(c, ch.steps, ch.cost, ch.fed)
+            m = jnp.where(self.budget.probing(stats) & ~use_lookup, 0, m)  # a probe only looks
         m = jnp.minimum(m, jnp.minimum(ch.steps, k)).astype(jnp.int32)
         widest = jnp.max(jnp.where(active, m, 0))
         return jnp.maximum(m, jnp.minimum(ch.steps, widest)).astype(jnp.int32)
