@@ -160,6 +160,29 @@ def test_pass_cost_table_is_measured_once_and_cached(model, monkeypatch, tmp_pat
     assert len(calls) == 2
 
 
+def test_a_new_drafter_keeps_the_width_table_and_a_stale_table_is_retimed(model, monkeypatch, tmp_path):
+    """The table must not depend on which tool ran first: timing a drafter new to it leaves the widths as they
+    were; a table whose one-slot pass disagrees with one timed now is marked stale and re-timed next time."""
+    monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
+    calls = []
+    real = pass_costs.measure
+    monkeypatch.setattr(pass_costs, "measure", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    two = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer"), rngs=nnx.Rngs(0))
+    three = Heads(HeadsConfig.for_backbone(model.cfg, k=3, kind="draft_layer"), rngs=nnx.Rngs(0))
+    a = pass_costs.load_or_measure(model, two, max_width=3, draft_widths=(1, 3), rounds=2)
+    b = pass_costs.load_or_measure(model, three, max_width=3, draft_widths=(1, 3), rounds=2)
+    assert calls == [[1, 2, 3], [1]]  # the second drafter is timed against a one-slot pass only
+    assert b.width == a.width and b.ms == a.ms
+    assert pass_costs.load_or_measure(model, two, max_width=3, draft_widths=(1, 3), rounds=2) == a
+    assert pass_costs.check_against(model, 1, a, a.ms * 1.2) == ""  # within 1.5x: trusted
+    note = pass_costs.check_against(model, 1, a, a.ms * 3)
+    assert "stale" in note and "--remeasure-costs" in note and len(calls) == 2
+    pass_costs.load_or_measure(model, two, max_width=3, draft_widths=(1, 3), rounds=2)
+    assert calls[2:] == [[1, 2, 3]]  # re-timed whole
+    pass_costs.load_or_measure(model, three, max_width=3, draft_widths=(1, 3), rounds=2)
+    assert calls[3:] == [[1]]  # the other drafter, dropped with the stale table, is timed again on its own
+
+
 def test_flat_costs_feed_every_computed_draft(model, prompts, long_ar):
     """Where every width costs the same and drafting is free, the budget feeds all k drafts."""
     table = reference_table(prompts[1:2], long_ar.tokens, rows=1, width=64 + NEW)

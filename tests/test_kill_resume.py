@@ -65,6 +65,8 @@ vocab_size = 0
 save_every = 1
 keep = 2
 eval_batch_size = 8
+eval_every = 4
+validation_records = 2
 gen_batch_size = 4
 feature_batch_size = 4
 clp_steps = 4
@@ -128,7 +130,9 @@ def test_sigkill_at_any_moment_loses_nothing(setup):
     d, model, corpus = setup
     ref_cfg, killed_cfg = _config(d, model, corpus, "ref"), _config(d, model, corpus, "killed")
     ref_out, out = str(d / "ref"), str(d / "killed")
-    phase1, phase2 = os.path.join(out, "checkpoints"), os.path.join(out, "checkpoints_clp_after_8")
+    phase1 = os.path.join(out, "checkpoints")
+    # the CLP phase's directory names the drafter step it starts from: the best-scored one (eval_every)
+    phase2_dirs = lambda: glob.glob(os.path.join(out, "checkpoints_clp_after_*"))  # noqa: E731
     # the uninterrupted run, beside the killed one (own caches: the dataset is built the same way by each)
     ref = _start(ref_cfg, str(d / "cache_ref"))
     ref_log = []
@@ -141,9 +145,10 @@ def test_sigkill_at_any_moment_loses_nothing(setup):
     killed_at = _steps(phase1)[-1]
 
     second = _start(killed_cfg, str(d / "cache"))
-    caught = _kill_when(second, lambda: bool(_steps(phase2)) and bool(_in_flight(phase2)))
+    caught = _kill_when(second, lambda: any(_steps(p) and _in_flight(p) for p in phase2_dirs()))
     assert caught, "the second run ended before a phase-2 save was seen in flight"
     assert second.returncode == -signal.SIGKILL
+    (phase2,) = phase2_dirs()
     partial = _in_flight(phase2)  # the step the kill left half-written
     assert partial, "the kill came after the save was renamed into place"
     assert _steps(phase1)[-1] == 8 and not os.path.exists(os.path.join(out, "eval.json"))
@@ -158,8 +163,12 @@ def test_sigkill_at_any_moment_loses_nothing(setup):
         np.testing.assert_array_equal(a, b)
     with open(os.path.join(ref_out, "eval.json")) as f, open(os.path.join(out, "eval.json")) as g:
         want, got = json.load(f), json.load(g)
-    for key in ("drafter", "clp", "calibration"):
+    for key in ("drafter", "clp", "calibration", "drafter_steps"):
         assert got[key] == want[key], key
+    with open(os.path.join(out, "scores_drafter.jsonl")) as f:  # held-out scores at steps 4 and 8; the best kept
+        scores = {row["step"]: row["score"] for row in map(json.loads, f)}
+    assert sorted(scores) == [4, 8] and got["drafter_steps"] == max(scores, key=lambda s: (scores[s], -s))
+    assert phase2.endswith(f"_after_{got['drafter_steps']}")
     print(f"killed after phase-1 step {killed_at}; killed mid phase-2 save ({len(partial)} partial dirs left)")
     # what train.py wrote is what decode.py loads, and `verify` with it decodes exactly like `ar`
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "CLP_JAX_CACHE": str(d / "cache")}

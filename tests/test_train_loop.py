@@ -14,7 +14,7 @@ from clp_jax.drafting.checkpoint import CheckpointError, load_heads, save_heads
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.train import data, feature_store as fs
 from clp_jax.train.checkpoints import TrainCheckpoints
-from clp_jax.train.loop import WindowSampler, evaluate, fit
+from clp_jax.train.loop import EarlyStopping, WindowSampler, evaluate, fit
 from clp_jax.train.objectives import TrainConfig
 from clp_jax.train.pipeline import run_meta
 from clp_jax.train.run_config import ConfigError, load_config
@@ -81,6 +81,38 @@ def test_time_budget_stops_with_a_checkpoint_and_a_rerun_continues(model, store,
     with TrainCheckpoints(str(tmp_path), every=100, keep=1) as ckpts:
         fit(again, _sampler(store, again), steps=3, batch_size=4, ckpts=ckpts, meta=meta, progress=False)
     assert again.step_count == 3
+
+
+def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, store, tmp_path):
+    scripted = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.45, 10: 0.2, 12: 0.9}  # held-out scores the steps would get
+    params_at = {}
+
+    def score(trainer):
+        params_at[trainer.step_count] = [np.asarray(x) for x in jax.tree.leaves(trainer.params)]
+        return {"score": scripted[trainer.step_count]}
+
+    def early():
+        return EarlyStopping(score, every=2, patience=3, scores_path=str(tmp_path / "scores.jsonl"),
+                             best_dir=str(tmp_path / "best"))
+
+    first, heads = _trainer(model, steps=12)
+    meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, first.tc)
+    with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
+        fit(first, _sampler(store, first), steps=7, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
+            progress=False)  # killed after step 7: steps 2, 4, 6 scored
+    resumed, _ = _trainer(model, steps=12)
+    with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
+        fit(resumed, _sampler(store, resumed), steps=12, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
+            progress=False)
+        assert resumed.step_count == 10  # 6, 8 and 10 did not beat step 4: step 12 (0.9) is never reached
+        assert stop.restore_best(resumed) == 4
+    for a, b in zip(jax.tree.leaves(resumed.params), params_at[4]):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    again, _ = _trainer(model, steps=12)  # a rerun of a stopped phase trains nothing
+    with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
+        assert fit(again, _sampler(store, again), steps=12, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
+                   progress=False) == []
+    assert sorted(params_at) == [2, 4, 6, 8, 10]  # each step scored once across the interruption
 
 
 def test_resume_refuses_other_heads_data_or_optimisation(model, store, tmp_path):

@@ -131,6 +131,10 @@ class Decoder:
         self.num_compiles = 0
         self.compile_seconds = 0.0
 
+    @property
+    def model(self) -> Qwen2:
+        return self._model
+
     # ------------------------------------------------------------------ costs and modes per batch bucket
 
     def costs(self, batch: int = 1) -> pass_costs.PassCosts:

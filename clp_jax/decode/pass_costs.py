@@ -245,6 +245,31 @@ def _read(path: str) -> dict | None:
         return None  # absent or unreadable: measured again
 
 
+def _write(path: str, entry: dict) -> None:
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entry, f, indent=1)
+    os.replace(tmp, path)  # atomic: a reader sees the old table or the new one
+
+
+def check_against(model: Qwen2, batch: int, costs: PassCosts, observed_ms: float, tolerance: float = 1.5) -> str:
+    """Compares the table's one-slot pass (`costs.ms`) with one measured now (e.g. `ar`'s ms per pass in the
+    same process). Where they differ by more than `tolerance`x, the machine's load has changed since the
+    table was timed, so its relative costs are suspect too: the cached table is marked stale (the next
+    decoder re-times it) and a note saying so is returned; '' when they agree or nothing can be compared."""
+    if not costs.ms or observed_ms <= 0 or max(costs.ms / observed_ms, observed_ms / costs.ms) <= tolerance:
+        return ""
+    path = table_path(table_key(model, batch))
+    entry = _read(path)
+    reason = (f"its one-slot pass took {costs.ms:.1f} ms when timed ({entry.get('measured', '?') if entry else '?'}),"
+              f" {observed_ms:.1f} ms in a run of {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if entry is not None and abs(float(entry.get("ms") or 0.0) - costs.ms) < 1e-6:  # still the table used
+        entry["stale"] = reason
+        _write(path, entry)
+    return (f"note: the pass-cost table is stale ({reason}): the draft budget weighed drafts with it; the next "
+            "run re-times it (or now: --remeasure-costs)")
+
+
 def _interp(points: dict, n: int) -> tuple[float, ...]:
     """Values at widths 1..n from measured {"w": value} (linear between measured widths, flat beyond)."""
     ws = sorted(int(w) for w in points)
@@ -264,21 +289,26 @@ def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: 
     sig = drafter_signature(heads)
     need_w = [w for w in range(1, max_width + 1) if str(w) not in entry["width"]]
     d = entry["drafters"].get(sig, {"first": {}, "step": 0.0}) if sig else None
+    if entry.get("stale"):
+        log.info("re-timing the pass-cost table: %s", entry["stale"])
+        entry = {"key": key, "ms": None, "width": {}, "drafters": {}}
+        need_w, d = list(range(1, max_width + 1)), {"first": {}, "step": 0.0} if sig else None
     need_d = [w for w in sorted(set(draft_widths) | {1}) if sig and str(w) not in d["first"]]
     if need_w or need_d:
-        # widths are timed together (relative to w=1 of the same run), so re-time the cached ones too
-        widths = sorted({int(w) for w in entry["width"]} | set(range(1, max_width + 1)))
+        # widths are timed together (relative to w=1 of the same run), so a missing width re-times the cached
+        # ones too; a drafter new to the table is timed against a one-slot pass of its own run and leaves the
+        # widths (and other drafters) as they were, so the table does not depend on which tool ran first
+        widths = sorted({int(w) for w in entry["width"]} | set(range(1, max_width + 1))) if need_w else [1]
         dws = sorted(set(int(w) for w in (d or {}).get("first", {})) | set(draft_widths) | {1}) if sig else ()
         new = measure(model, heads, widths, dws, batch, rounds)
-        entry["ms"] = new["ms"]
-        entry["width"] = {str(w): c for w, c in new["width"].items()}
+        if need_w:
+            entry["ms"] = new["ms"]
+            entry["width"] = {str(w): c for w, c in new["width"].items()}
+            entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
         for s, dd in new["drafters"].items():
-            entry["drafters"][s] = {"first": {str(w): c for w, c in dd["first"].items()}, "step": dd["step"]}
-        entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(entry, f, indent=1)
-        os.replace(tmp, path)
+            entry["drafters"][s] = {"first": {str(w): c for w, c in dd["first"].items()}, "step": dd["step"],
+                                    "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write(path, entry)
     width = _interp(entry["width"], max_width)
     width = (1.0,) + width[1:]
     if sig is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Callable
 
@@ -92,15 +93,91 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
+class EarlyStopping:
+    """Scores the trainer on held-out records every `every` steps (higher is better), keeps the parameters of
+    the best score in an Orbax checkpoint of their own, and ends the phase after `patience` scores in a row
+    that did not beat it (0: never early). Scores are appended to `scores_path` (jsonl), so a resumed run
+    continues the same count; `restore_best` puts the best parameters back into the trainer."""
+
+    def __init__(self, score: Callable[[Trainer], dict], every: int, patience: int, scores_path: str, best_dir: str):
+        if every < 1 or patience < 0:
+            raise ValueError(f"EarlyStopping needs every >= 1 and patience >= 0, got {every}, {patience}.")
+        self.score, self.every, self.patience, self.path = score, every, patience, scores_path
+        self.best = TrainCheckpoints(best_dir, every=1, keep=1)
+
+    def scores(self, upto: int) -> dict[int, float]:
+        """{step: score} recorded up to step `upto` (a step scored twice keeps its last score)."""
+        out = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        if row["step"] <= upto:
+                            out[row["step"]] = row["score"]
+        return out
+
+    @staticmethod
+    def best_of(scores: dict[int, float]) -> int | None:
+        return max(scores, key=lambda s: (scores[s], -s)) if scores else None  # the earliest of equal scores
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.every == 0 and step not in self.scores(step)
+
+    def __call__(self, trainer: Trainer, meta: dict) -> bool:
+        """Scores the current step; True when the phase should end."""
+        step = trainer.step_count
+        row = self.score(trainer)
+        scores = self.scores(step) | {step: row["score"]}
+        best = self.best_of(scores)
+        if best == step:  # written before the score, so a recorded best always has its parameters
+            self.best.save(step, trainer.params, trainer.opt_state, meta | {"score": row["score"]}, force=True)
+        if multihost.is_writer():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        stale = sum(s > best for s in scores)
+        log.info("step %d: held-out score %.4f (best %.4f at step %d%s)", step, row["score"], scores[best], best,
+                 f", {stale} without a better one" if stale else "")
+        return bool(self.patience) and stale >= self.patience
+
+    def restore_best(self, trainer: Trainer) -> int:
+        """Loads the best-scored parameters into `trainer`; returns their step (the trainer's own when none)."""
+        step = self.best.latest_step()
+        if step is None:
+            return trainer.step_count
+        trainer.params, _ = self.best.restore(step, trainer.params, trainer.opt_state)
+        log.info("phase %s keeps the parameters of step %d (held-out score %.4f)", trainer.phase, step,
+                 self.scores(step)[step])
+        return step
+
+    def close(self):
+        self.best.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, batch_size: int,
         ckpts: TrainCheckpoints | None = None, meta: dict | None = None, log_path: str | None = None,
-        tensorboard_dir: str | None = None, budget_seconds: float = 0.0, progress: bool = True) -> list[dict]:
+        tensorboard_dir: str | None = None, budget_seconds: float = 0.0, progress: bool = True,
+        early: EarlyStopping | None = None) -> list[dict]:
     """Trains up to global step `steps` (resuming from `ckpts`); stops early, with a checkpoint, when
-    `budget_seconds` (> 0) have passed or on Ctrl-C. `batches(step, rows)` is this process's part of the
-    global batch of `step`."""
+    `budget_seconds` (> 0) have passed, on Ctrl-C, or when `early` says held-out scores stopped improving.
+    `batches(step, rows)` is this process's part of the global batch of `step`."""
     meta = meta or {}
     if ckpts is not None:
         resume(trainer, ckpts, meta)
+    if early is not None and early.patience:
+        scores = early.scores(trainer.step_count)
+        best = early.best_of(scores)
+        if best is not None and sum(s > best for s in scores) >= early.patience:
+            log.info("phase %s had already stopped early at step %d.", trainer.phase, trainer.step_count)
+            return []
+    if early is not None and early.due(trainer.step_count) and early(trainer, meta):  # killed before scoring
+        return []
     history = []
     log_file = open(log_path, "a") if log_path else None
     board = None
@@ -132,8 +209,13 @@ def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, 
                                          v, trainer.step_count)
             bar.set_postfix(loss=f"{row['loss']:.3f}", agree=" ".join(f"{a:.2f}" for a in row.get("agreement", [])))
             bar.update(1)
-            if ckpts is not None:
-                ckpts.save(trainer.step_count, trainer.params, trainer.opt_state, meta)
+            scored = early is not None and early.due(trainer.step_count)
+            if ckpts is not None:  # a scored step is always saved: a resumed run never scores it again
+                ckpts.save(trainer.step_count, trainer.params, trainer.opt_state, meta, force=scored)
+            if scored and early(trainer, meta):
+                log.info("phase %s: %d held-out scores in a row without a better one; stopping at step %d.",
+                         trainer.phase, early.patience, trainer.step_count)
+                break
     except KeyboardInterrupt:
         if ckpts is not None:
             ckpts.save(trainer.step_count, trainer.params, trainer.opt_state, meta, force=True)

@@ -33,7 +33,7 @@ from clp_jax.train import calibration, multihost
 from clp_jax.train import data as data_lib
 from clp_jax.train import feature_store as fs
 from clp_jax.train.checkpoints import TrainCheckpoints
-from clp_jax.train.loop import WindowSampler, evaluate, fit
+from clp_jax.train.loop import EarlyStopping, WindowSampler, evaluate, fit
 from clp_jax.train.plots import plot_curves
 from clp_jax.train.prompts import KINDS
 from clp_jax.train.run_config import Config, check_batch_sizes
@@ -102,19 +102,38 @@ def init_heads(hc: HeadsConfig, backbone, vocab, init_from: str, seed: int) -> H
     return heads
 
 
+def validation_score(trainer: Trainer, store, held: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Held-out agreement per kind and draft; the score is its mean over drafts and self-distilled kinds
+    (the decoding distribution; all kinds where the store has none)."""
+    per_kind = {kind: evaluate(trainer, store, recs, batch_size)["agreement"] for kind, recs in held.items()}
+    scored = [k for k in per_kind if k != "corpus"] or list(per_kind)
+    return {"score": round(float(np.mean([np.mean(per_kind[k]) for k in scored])), 5), "agreement": per_kind}
+
+
 def train_phase(name: str, backbone, heads: Heads, cfg: Config, mesh, store, records, vocab, out_dir: str,
-                ckpt_dir: str, meta: dict, steps: int, batch_size: int, progress: bool):
-    """One phase through the one loop; returns the trainer (holding the trained heads) and its history."""
+                ckpt_dir: str, meta: dict, steps: int, batch_size: int, progress: bool, validation=None):
+    """One phase through the one loop; returns the trainer (holding the trained heads, the best-scored ones
+    when `validation` held-out records per kind are given and run.eval_every is set), its history and the
+    step its heads come from."""
     rc = cfg.run
     trainer = Trainer(backbone.model, heads, name, cfg.train, vocab, steps, mesh)
     sampler = WindowSampler(store, records, batch_size, rc.window, rc.seed, soft=trainer.needs_soft)
     writer = multihost.is_writer()
-    with TrainCheckpoints(ckpt_dir, rc.save_every, rc.keep) as ckpts:
-        history = fit(trainer, sampler, steps=steps, batch_size=batch_size, ckpts=ckpts, meta=meta,
-                      budget_seconds=rc.time_budget_minutes * 60, progress=progress,
-                      log_path=os.path.join(out_dir, f"metrics_{name}.jsonl") if writer else None,
-                      tensorboard_dir=os.path.join(out_dir, "tensorboard", name) if writer else None)
-    return trainer, history
+    early = None
+    if validation and rc.eval_every:
+        early = EarlyStopping(lambda t: validation_score(t, store, validation, rc.eval_batch_size), rc.eval_every,
+                              rc.patience, os.path.join(out_dir, f"scores_{name}.jsonl"), ckpt_dir + "_best")
+    try:
+        with TrainCheckpoints(ckpt_dir, rc.save_every, rc.keep) as ckpts:
+            history = fit(trainer, sampler, steps=steps, batch_size=batch_size, ckpts=ckpts, meta=meta,
+                          budget_seconds=rc.time_budget_minutes * 60, progress=progress, early=early,
+                          log_path=os.path.join(out_dir, f"metrics_{name}.jsonl") if writer else None,
+                          tensorboard_dir=os.path.join(out_dir, "tensorboard", name) if writer else None)
+        kept = early.restore_best(trainer) if early is not None else trainer.step_count
+    finally:
+        if early is not None:
+            early.close()
+    return trainer, history, kept
 
 
 def heldout_by_kind(store, records: np.ndarray, limit: int) -> dict[str, np.ndarray]:
@@ -165,14 +184,17 @@ def run(cfg: Config, progress: bool = True) -> dict:
                  "batch_size": rc.batch_size, "window": rc.window, "seed": rc.seed, "init_from": rc.init_from}
     ckpt_root = rc.checkpoint_dir or out_dir
     t0 = time.perf_counter()
-    trainer, history = train_phase("drafter", backbone, heads, cfg, mesh, store, parts["train"], vocab, out_dir,
-                                   os.path.join(ckpt_root, "checkpoints"), run_meta(hc, backbone.cfg, data_meta, cfg.train),
-                                   rc.steps, rc.batch_size, progress)
+    validation = heldout_by_kind(store, parts["heldout"], rc.validation_records)
+    trainer, history, drafter_step = train_phase(
+        "drafter", backbone, heads, cfg, mesh, store, parts["train"], vocab, out_dir,
+        os.path.join(ckpt_root, "checkpoints"), run_meta(hc, backbone.cfg, data_meta, cfg.train), rc.steps,
+        rc.batch_size, progress, validation)
     timings["drafter"] = time.perf_counter() - t0
-    heads, drafter_step = trainer.heads(), trainer.step_count
+    heads = trainer.heads()
     held = heldout_by_kind(store, parts["heldout"], rc.eval_records)
     result = {"drafter": {kind: evaluate(trainer, store, recs, rc.eval_batch_size) for kind, recs in held.items()},
-              "drafter_steps": drafter_step, "positions_seen": drafter_step * rc.batch_size * min(rc.window, dc.seq_len),
+              "drafter_steps": drafter_step, "drafter_steps_run": trainer.step_count,
+              "positions_seen": drafter_step * rc.batch_size * min(rc.window, dc.seq_len),
               "train_positions": store.positions(parts["train"]),
               "train_positions_by_kind": {kind: store.positions(parts["train"][store.kinds[parts["train"]] == i])
                                           for i, kind in enumerate(KINDS)}}
@@ -184,7 +206,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         clp_meta = run_meta(hc, backbone.cfg, {**data_meta, "drafter_step": drafter_step,
                                                "clp": _digest(parts["clp"]), "batch_size": rc.clp_batch_size}, cfg.train)
-        trainer, _ = train_phase("clp", backbone, heads, cfg, mesh, store, parts["clp"], vocab, out_dir,
+        trainer, _, _ = train_phase("clp", backbone, heads, cfg, mesh, store, parts["clp"], vocab, out_dir,
                                  os.path.join(ckpt_root, f"checkpoints_clp_after_{drafter_step}"), clp_meta,
                                  rc.clp_steps, rc.clp_batch_size, progress)
         heads = trainer.heads()

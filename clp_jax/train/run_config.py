@@ -76,6 +76,9 @@ class RunConfig:
     feature_batch_size: int = 8  # corpus records per trunk pass
     eval_batch_size: int = 8
     eval_records: int = 256  # held-out records evaluated per kind (at most)
+    eval_every: int = 0  # drafter phase: score held-out agreement every this many steps (0: only at the end)
+    patience: int = 0  # end the drafter phase after this many scores without a better one (0: never early)
+    validation_records: int = 16  # held-out records per kind in those scores
     time_budget_minutes: float = 0.0  # per training phase; 0: none (a later run continues where it stopped)
     init_from: str = ""  # a heads checkpoint to warm-start the drafter (and CLP) from
     stop_after: str = ""  # "features" or "drafter": end the run after that phase
@@ -85,10 +88,13 @@ class RunConfig:
         bounds = dict(steps=(1, 10_000_000), batch_size=(1, 65536), window=(8, 8192), vocab_size=(0, 1_000_000),
                       clp_steps=(0, 10_000_000), clp_batch_size=(1, 65536), seed=(0, 2 ** 31 - 1),
                       save_every=(1, 10_000_000), keep=(1, 1000), gen_batch_size=(1, 4096),
-                      feature_batch_size=(1, 4096), eval_batch_size=(1, 65536), eval_records=(1, 10_000_000))
+                      feature_batch_size=(1, 4096), eval_batch_size=(1, 65536), eval_records=(1, 10_000_000),
+                      eval_every=(0, 10_000_000), patience=(0, 1000), validation_records=(1, 10_000_000))
         for name, (lo, hi) in bounds.items():
             if not lo <= getattr(self, name) <= hi:
                 raise ConfigError(f"run.{name} must be in {lo}..{hi}, got {getattr(self, name)}.")
+        if self.patience and not self.eval_every:
+            raise ConfigError("run.patience needs run.eval_every > 0 (how often the held-out score is taken).")
         if not self.out_dir:
             raise ConfigError("run.out_dir is empty: name a directory for the run's outputs.")
         if self.time_budget_minutes < 0:
