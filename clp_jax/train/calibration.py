@@ -3,9 +3,12 @@
 Draft j's confidence is its top-1 probability softmax(logits_j / T_j). The training-time test feeds the
 true tokens into the chain, so draft j's figures are conditional on drafts 1..j-1 being right: exactly
 what the draft budget of `verify` needs (the chance that one more draft is accepted, given the earlier
-ones were). T_j minimises the held-out negative log-likelihood of the backbone's choice y (temperature
-scaling, Guo et al. 2017), chosen on a grid; the report gives the reliability table (confidence bin ->
-accuracy) and the expected calibration error before and after.
+ones were). T_j is chosen on a grid (1.0 included) by the held-out log-loss of that event: the top-1
+confidence read as the probability that the draft is the backbone's choice y (a proper score for the one
+number the budget reads; the full-distribution NLL of temperature scaling, Guo et al. 2017, also moves the
+probabilities the budget never uses, and fitted on it the top-1 confidence came out less calibrated than
+at T = 1). The report gives both losses, the reliability table (confidence bin -> accuracy) and the
+expected calibration error at T = 1 and at T_j.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from clp_jax.drafting.heads import Heads
 from clp_jax.train.feature_store import FeatureStore
 from clp_jax.train.objectives import draft_logits, draft_targets, vocab_index
 
-GRID = np.exp(np.linspace(np.log(0.5), np.log(6.0), 40)).astype(np.float32)  # candidate temperatures
+GRID = np.unique(np.append(np.exp(np.linspace(np.log(0.5), np.log(6.0), 40)), 1.0)).astype(np.float32)  # candidates
 BINS = np.linspace(0.0, 1.0, 11)
 
 
@@ -33,6 +36,14 @@ def reliability(conf: np.ndarray, correct: np.ndarray) -> tuple[list[dict], floa
                          "confidence": round(float(conf[m].mean()), 4), "accuracy": round(float(correct[m].mean()), 4)})
             ece += m.sum() / n * abs(conf[m].mean() - correct[m].mean())
     return rows, round(float(ece), 4)
+
+
+def top1_log_loss(conf: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """[G] mean log-loss of `conf` [N, G] (top-1 confidence at each temperature) as the probability of
+    `correct` [N] (whether the top-1 draft was right)."""
+    p = np.clip(conf.astype(np.float64), 1e-7, 1 - 1e-7)
+    c = correct.astype(np.float64)[:, None]
+    return -np.mean(c * np.log(p) + (1 - c) * np.log1p(-p), axis=0)
 
 
 def fit(heads: Heads, backbone, store: FeatureStore, records: np.ndarray, batch_size: int = 2,
@@ -78,13 +89,16 @@ def fit(heads: Heads, backbone, store: FeatureStore, records: np.ndarray, batch_
     temps, report = [], []
     for j in range(k):
         conf, correct = np.concatenate(confs[j]), np.concatenate(corrects[j]).astype(np.float64)
-        g = int(np.argmin(nll_sum[j]))
+        loss = top1_log_loss(conf, correct) if len(correct) else np.zeros(len(GRID))
         g1 = int(np.argmin(np.abs(GRID - 1.0)))
+        g = int(np.argmin(loss)) if len(correct) else g1
         before_rows, before = reliability(conf[:, g1], correct)
         after_rows, after = reliability(conf[:, g], correct)
         temps.append(float(GRID[g]))
         report.append({"draft": j + 1, "temperature": round(float(GRID[g]), 3), "anchors": int(len(correct)),
                        "accuracy": round(float(correct.mean()), 4) if len(correct) else 0.0,
+                       "top1_log_loss": round(float(loss[g]), 4), "top1_log_loss_at_1": round(float(loss[g1]), 4),
+                       "nll_temperature": round(float(GRID[int(np.argmin(nll_sum[j]))]), 3),
                        "ece_before": before, "ece_after": after, "reliability_before": before_rows,
                        "reliability_after": after_rows})
     return {"temperature": temps, "per_draft": report}
