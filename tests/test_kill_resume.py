@@ -165,9 +165,9 @@ def test_sigkill_at_any_moment_loses_nothing(setup):
         want, got = json.load(f), json.load(g)
     for key in ("drafter", "clp", "calibration", "drafter_steps"):
         assert got[key] == want[key], key
-    with open(os.path.join(out, "scores_drafter.jsonl")) as f:  # held-out scores at steps 4 and 8; the best kept
+    with open(os.path.join(out, "scores_drafter.jsonl")) as f:  # held-out scores at steps 0, 4 and 8; the best kept
         scores = {row["step"]: row["score"] for row in map(json.loads, f)}
-    assert sorted(scores) == [4, 8] and got["drafter_steps"] == max(scores, key=lambda s: (scores[s], -s))
+    assert sorted(scores) == [0, 4, 8] and got["drafter_steps"] == max(scores, key=lambda s: (scores[s], -s))
     assert phase2.endswith(f"_after_{got['drafter_steps']}")
     print(f"killed after phase-1 step {killed_at}; killed mid phase-2 save ({len(partial)} partial dirs left)")
     # what train.py wrote is what decode.py loads, and `verify` with it decodes exactly like `ar`

@@ -84,7 +84,7 @@ def test_time_budget_stops_with_a_checkpoint_and_a_rerun_continues(model, store,
 
 
 def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, store, tmp_path):
-    scripted = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.45, 10: 0.2, 12: 0.9}  # held-out scores the steps would get
+    scripted = {0: 0.1, 2: 0.3, 4: 0.5, 6: 0.4, 8: 0.45, 10: 0.2, 12: 0.9}  # held-out scores the steps would get
     params_at = {}
 
     def score(trainer):
@@ -99,7 +99,7 @@ def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, s
     meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, first.tc)
     with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
         fit(first, _sampler(store, first), steps=7, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
-            progress=False)  # killed after step 7: steps 2, 4, 6 scored
+            progress=False)  # killed after step 7: steps 0, 2, 4, 6 scored
     resumed, _ = _trainer(model, steps=12)
     with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
         fit(resumed, _sampler(store, resumed), steps=12, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
@@ -112,7 +112,22 @@ def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, s
     with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
         assert fit(again, _sampler(store, again), steps=12, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
                    progress=False) == []
-    assert sorted(params_at) == [2, 4, 6, 8, 10]  # each step scored once across the interruption
+    assert sorted(params_at) == [0, 2, 4, 6, 8, 10]  # each step scored once across the interruption
+
+
+def test_a_warm_start_that_training_never_beats_is_kept(model, store, tmp_path):
+    trainer, heads = _trainer(model, steps=4)
+    start = [np.asarray(x) for x in jax.tree.leaves(trainer.params)]
+    meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, trainer.tc)
+    scores = iter([0.9, 0.5, 0.4])  # steps 0, 2, 4
+    with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, \
+            EarlyStopping(lambda t: {"score": next(scores)}, every=2, patience=0,
+                          scores_path=str(tmp_path / "scores.jsonl"), best_dir=str(tmp_path / "best")) as stop:
+        fit(trainer, _sampler(store, trainer), steps=4, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
+            progress=False)
+        assert trainer.step_count == 4 and stop.restore_best(trainer) == 0
+    for a, b in zip(jax.tree.leaves(trainer.params), start):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_resume_refuses_other_heads_data_or_optimisation(model, store, tmp_path):

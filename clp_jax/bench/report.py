@@ -65,7 +65,10 @@ def markdown(report: dict) -> str:
         f"({100 * rf['fraction_p10_p90'][0]:.0f}-{100 * rf['fraction_p10_p90'][1]:.0f}% across the bandwidth's spread).",
     ]
     if meta.get("pass_costs"):
-        foot.append("Pass costs (this machine, batch 1): " + meta["pass_costs"]["text"].replace("\n", "; ") + ".")
+        pc = meta["pass_costs"]
+        foot.append("Pass costs (this machine, batch 1): " + pc["text"].replace("\n", "; ") + "."
+                    + (f" `ar` ran at {pc['ar_ms']:.1f} ms per pass in this run." if pc.get("ar_ms") else "")
+                    + (f" {pc['stale'][0].upper()}{pc['stale'][1:]}." if pc.get("stale") else ""))
     return "\n".join(lines + foot) + "\n"
 
 

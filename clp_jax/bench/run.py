@@ -31,7 +31,7 @@ from clp_jax.bench import quality, roofline
 from clp_jax.bench import report as bench_report
 from clp_jax.bench.peers import PEERS, TransformersPeer
 from clp_jax.bench.vllm_peer import VLLM_PEERS, check_vllm, vllm_runs
-from clp_jax.decode import options
+from clp_jax.decode import options, pass_costs
 from clp_jax.decode.loop import (DRAFT_BUDGETS, DRAFT_SOURCES, MIN_PROMPT_BUCKET, DecodeConfig, DecodeResult, Decoder,
                                  _bucket)
 from clp_jax.decode.report import policy
@@ -119,13 +119,17 @@ def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_to
     return out
 
 
-def _costs_of(decoders: dict) -> dict | None:
-    """The pass-cost table the verify rows read (batch 1), for the report."""
+def _costs_of(decoders: dict, ar_ms: float) -> dict | None:
+    """The pass-cost table the verify rows read (batch 1), for the report, with `ar`'s measured ms per pass
+    and a note where the two disagree (the table is then marked stale: the next run re-times it)."""
     for d in decoders.values():
         if d.dc.mode == "verify":
             c = d.costs(1)
+            note = pass_costs.check_against(d.model, 1, c, ar_ms)
+            if note:
+                log.warning(note)
             return {"width": list(c.width), "draft_first": list(c.draft_first), "draft_step": c.draft_step,
-                    "ms": c.ms, "text": c.format()}
+                    "ms": c.ms, "ar_ms": round(ar_ms, 2), "stale": note, "text": c.format()}
     return None
 
 
@@ -377,7 +381,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         "max_new_tokens": max_new_tokens, "lookup_tokens": lookup_tokens,
         "vllm_spec_tokens": vllm_spec_tokens if set(vllm_peers) - {"vllm"} else None,
         "roofline": roofline.roofline(backbone.model, ar_pass),
-        "pass_costs": _costs_of(decoders),
+        "pass_costs": _costs_of(decoders, 1e3 * ar_pass),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     return {"meta": meta, "modes": results}

@@ -122,7 +122,8 @@ class EarlyStopping:
         return max(scores, key=lambda s: (scores[s], -s)) if scores else None  # the earliest of equal scores
 
     def due(self, step: int) -> bool:
-        return step > 0 and step % self.every == 0 and step not in self.scores(step)
+        """Step 0 is scored too: a warm-started phase that never beats its start keeps its start."""
+        return step % self.every == 0 and step not in self.scores(step)
 
     def __call__(self, trainer: Trainer, meta: dict) -> bool:
         """Scores the current step; True when the phase should end."""
@@ -176,8 +177,8 @@ def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, 
         if best is not None and sum(s > best for s in scores) >= early.patience:
             log.info("phase %s had already stopped early at step %d.", trainer.phase, trainer.step_count)
             return []
-    if early is not None and early.due(trainer.step_count) and early(trainer, meta):  # killed before scoring
-        return []
+    if early is not None and early.due(trainer.step_count) and early(trainer, meta):  # the start, or killed
+        return []  # before scoring
     history = []
     log_file = open(log_path, "a") if log_path else None
     board = None
