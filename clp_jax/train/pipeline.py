@@ -226,5 +226,6 @@ def run(cfg: Config, progress: bool = True) -> dict:
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=1)
         if history or os.path.exists(os.path.join(out_dir, "metrics_drafter.jsonl")):
-            plot_curves(os.path.join(out_dir, "metrics_drafter.jsonl"), os.path.join(out_dir, "curves.png"))
+            plot_curves(os.path.join(out_dir, "metrics_drafter.jsonl"), os.path.join(out_dir, "curves.png"),
+                        os.path.join(out_dir, "scores_drafter.jsonl"))
     return result
