@@ -104,18 +104,23 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping needs every >= 1 and patience >= 0, got {every}, {patience}.")
         self.score, self.every, self.patience, self.path = score, every, patience, scores_path
         self.best = TrainCheckpoints(best_dir, every=1, keep=1)
-
-    def scores(self, upto: int) -> dict[int, float]:
-        """{step: score} recorded up to step `upto` (a step scored twice keeps its last score)."""
-        out = {}
+        self._recorded: dict[int, float] = {}  # read once here, then kept in step with the file
         if os.path.exists(self.path):
             with open(self.path) as f:
                 for line in f:
                     if line.strip():
                         row = json.loads(line)
-                        if row["step"] <= upto:
-                            out[row["step"]] = row["score"]
-        return out
+                        self._recorded[row["step"]] = row["score"]
+
+    def scores(self, upto: int) -> dict[int, float]:
+        """{step: score} recorded up to step `upto` (a step scored twice keeps its last score)."""
+        return {step: score for step, score in self._recorded.items() if step <= upto}
+
+    def stopped(self, upto: int) -> bool:
+        """Whether `patience` scores up to step `upto` came after the best one."""
+        scores = self.scores(upto)
+        best = self.best_of(scores)
+        return bool(self.patience) and best is not None and sum(s > best for s in scores) >= self.patience
 
     @staticmethod
     def best_of(scores: dict[int, float]) -> int | None:
@@ -136,10 +141,11 @@ class EarlyStopping:
         if multihost.is_writer():
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **row}) + "\n")
+        self._recorded[step] = row["score"]
         stale = sum(s > best for s in scores)
         log.info("step %d: held-out score %.4f (best %.4f at step %d%s)", step, row["score"], scores[best], best,
                  f", {stale} without a better one" if stale else "")
-        return bool(self.patience) and stale >= self.patience
+        return self.stopped(step)
 
     def restore_best(self, trainer: Trainer) -> int:
         """Loads the best-scored parameters into `trainer`; returns their step (the trainer's own when none)."""
@@ -171,12 +177,9 @@ def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, 
     meta = meta or {}
     if ckpts is not None:
         resume(trainer, ckpts, meta)
-    if early is not None and early.patience:
-        scores = early.scores(trainer.step_count)
-        best = early.best_of(scores)
-        if best is not None and sum(s > best for s in scores) >= early.patience:
-            log.info("phase %s had already stopped early at step %d.", trainer.phase, trainer.step_count)
-            return []
+    if early is not None and early.stopped(trainer.step_count):
+        log.info("phase %s had already stopped early at step %d.", trainer.phase, trainer.step_count)
+        return []
     if early is not None and early.due(trainer.step_count) and early(trainer, meta):  # the start, or killed
         return []  # before scoring
     history = []
