@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -79,6 +80,12 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert modes["hf_greedy"]["exact_match"] == 1.0
     assert modes["hf_lookup"]["exact_match"] == 1.0
     assert len(modes["clp"]["head_acceptance"]) == 2
+    for label in ("verify", "clp"):  # per-set acceptance in decoding; ar and the peers offer no drafts
+        per_set = [modes[label]["sets"][name]["head_acceptance"] for name in ("humaneval", "chat")]
+        assert all(len(a) == 2 and all(0.0 <= x <= 1.0 for x in a) for a in per_set), label
+        lo, hi = np.minimum(*per_set), np.maximum(*per_set)  # the overall ratio lies between the sets' ratios
+        assert np.all(lo - 1e-4 <= modes[label]["head_acceptance"]) and np.all(modes[label]["head_acceptance"] <= hi + 1e-4)
+    assert "head_acceptance" not in modes["ar"]["sets"]["chat"] and "head_acceptance" not in modes["hf_greedy"]["sets"]["chat"]
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(backbone.model, nnx.Param)))
     assert modes["verify"]["memory_bytes"] >= weight_bytes  # XLA's analysis counts the weights it reads
     assert 0 < report["meta"]["roofline"]["fraction_of_roofline"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.drafting.heads import CLP, Heads, HeadsConfig, count_params
+from clp_jax.drafting.heads import CLP, Heads, HeadsConfig, clp_length, count_params
 from clp_jax.model.sharding import MeshConfig
 from clp_jax.train import objectives
 from clp_jax.train.objectives import TrainConfig
@@ -189,6 +189,33 @@ def test_clp_labels_are_the_chains_accepted_prefix(model):
                 want = n + j + 1 < T and pred[j, b, n + j] == y[b, n + j + 1]
                 assert bool(ok[b, n, j]) == bool(want)
     assert np.array_equal(np.asarray(anchors), y >= 0)
+
+
+def test_clp_length_at_a_margin_by_hand():
+    """`clp` commits the argmax (at most k), or the most heads l with P(L* >= l) >= p; one rule for decoding
+    and for the evaluation's per-margin figures."""
+    probs = jnp.asarray([[0.1, 0.2, 0.3, 0.4], [0.6, 0.1, 0.1, 0.2]])  # [2, K+1 = 4]: P(L*>=1) 0.9 / 0.4
+    logits = jnp.log(probs)
+    assert clp_length(logits, 3).tolist() == [3, 0]
+    assert clp_length(logits, 2).tolist() == [2, 0]  # argmax capped at k
+    assert clp_length(logits, 3, 0.7).tolist() == [2, 0]  # P(L*>=2) = 0.7, P(L*>=3) = 0.4
+    assert clp_length(logits, 3, 0.35).tolist() == [3, 1]  # row 2: P(L*>=1) = 0.4, P(L*>=2) = 0.3
+    assert clp_length(logits, 1, 0.3).tolist() == [1, 1]  # mass beyond k counts for l <= k
+
+
+def test_clp_evaluation_counts_wrong_commits_per_margin(model):
+    """Per margin: heads `clp` would commit and those past the chain's first miss, over every anchor; the
+    argmax's figures follow from the confusion matrix, and a higher margin never commits more."""
+    heads = _heads(model, k=3, seed=3)
+    heads.clp.linear.kernel[...] = jax.random.normal(jax.random.key(0), heads.clp.linear.kernel.shape) * 0.3
+    batch = _batch(model, np.random.RandomState(6), prompt=4)
+    _, m = objectives.clp_loss(heads, model, batch, TrainConfig(), jnp.arange(model.cfg.vocab_size))
+    c = np.asarray(m["confusion"])  # rows: true L*, columns: the argmax
+    true_l, pred_l = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    committed, wrong = np.asarray(m["margin_heads"]), np.asarray(m["margin_wrong"])
+    assert objectives.CLP_MARGINS[0] is None and len(committed) == len(objectives.CLP_MARGINS)
+    assert committed[0] == (c * pred_l).sum() and wrong[0] == (c * np.maximum(pred_l - true_l, 0)).sum()
+    assert committed[0] > 0 and np.all(np.diff(committed[1:]) <= 0) and np.all(wrong <= committed)
 
 
 def test_soft_label_loss_by_hand():

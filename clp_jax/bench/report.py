@@ -35,13 +35,15 @@ def markdown(report: dict) -> str:
                 _fmt(m["memory_bytes"] / 1e9 if "memory_bytes" in m else None)]
         lines.append("| " + " | ".join(row) + " |")
     sets = list(ar["sets"])
-    lines += ["", "Per prompt set (speedup / tokens per pass / exact match; verify: share of ar-cost passes, "
-              "drafts fed per pass):", "", "| mode | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    lines += ["", "Per prompt set (speedup / tokens per pass / exact match; drafting modes: first-draft acceptance "
+              "in decoding; verify: share of ar-cost passes, drafts fed per pass):", "", "| mode | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
     for label, m in modes.items():
         cells = []
         for name in sets:
             x = m["sets"][name]
             cell = f"{x['speedup']:.2f}x / {_fmt(x.get('tokens_per_pass'))} / {x['exact_match']:.2f}"
+            if x.get("head_acceptance"):
+                cell += f"; first draft {x['head_acceptance'][0]:.2f}"
             if label.startswith("verify") and x.get("policy"):
                 cell += f"; ar-cost {100 * x['policy']['ar_cost_share']:.0f}%, {x['policy']['drafts_per_pass']:.2f}"
             cells.append(cell)

@@ -178,7 +178,8 @@ def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | 
     if runs[0].offered is not None:
         offered = sum(r.offered for r in runs)
         accepted = sum(r.accepted for r in runs)
-        out["head_acceptance"] = acceptance_ratio(accepted, offered).round(4).tolist()
+        if np.sum(offered):  # ar offers no drafts
+            out["head_acceptance"] = acceptance_ratio(accepted, offered).round(4).tolist()
     if runs[0].result is not None:
         out["policy"] = policy([r.result for r in runs])
     for n in (2, 3, 4):
@@ -353,8 +354,8 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
             idx = [i for i, s in enumerate(samples) if s.set == name]
             sub = summarize([rs[i] for i in idx], [runs["ar"][i] for i in idx],
                             [passed[he.index(i)] for i in idx] if name == "humaneval" else None)
-            m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass", "policy",
-                                                         "pass_at_1") if key in sub}
+            m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass", "head_acceptance",
+                                                         "policy", "pass_at_1") if key in sub}
         if label in decoders:
             m["compile_seconds"] = decoders[label].compile_seconds
             m["memory_bytes"] = decoders[label].memory_bytes()

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from clp_jax.decode import sampling
 from clp_jax.decode.state import DecodeConfig, DecodeState
+from clp_jax.drafting.heads import clp_length
 from clp_jax.model.numerics import prefix_len
 from clp_jax.model.qwen2 import Qwen2
 
@@ -192,12 +193,7 @@ class Clp(_HeadsCommit):
     name = "clp"
 
     def n_heads(self, d, t1_logits):
-        k, p = self.k, self.dc.clp_confidence
-        if p is None:
-            return jnp.minimum(jnp.argmax(d.length_logits, -1), k)
-        probs = jax.nn.softmax(d.length_logits, axis=-1)  # [B, K+1] over all trained lengths
-        at_least = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), -1), -1)  # mass beyond k counts for l <= k
-        return jnp.sum(at_least[:, 1:k + 1] >= p, axis=-1)
+        return clp_length(d.length_logits, self.k, self.dc.clp_confidence)  # [B]
 
 
 class ConfAdapt(_HeadsCommit):

@@ -149,6 +149,16 @@ class CLP(nnx.Module):
         return self.linear(h.astype(self.linear.kernel.dtype)).astype(jnp.float32)
 
 
+def clp_length(length_logits: jax.Array, k: int, margin: float | None = None) -> jax.Array:
+    """Heads the CLP commits [...] from its length logits [..., K+1] (K >= k trained lengths): the argmax (at
+    most k), or with a margin p the most heads l <= k with P(L* >= l) >= p (mass beyond k counts for l <= k)."""
+    if margin is None:
+        return jnp.minimum(jnp.argmax(length_logits, -1), k)
+    probs = jax.nn.softmax(length_logits, axis=-1)
+    at_least = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), -1), -1)  # [..., K+1] P(L* >= l)
+    return jnp.sum(at_least[..., 1:k + 1] >= margin, axis=-1)
+
+
 class Gate(nnx.Module):
     """The gate baseline: MLP d -> hidden -> k, one accept logit per head position."""
 

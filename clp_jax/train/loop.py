@@ -22,12 +22,14 @@ from clp_jax.drafting.checkpoint import CheckpointError
 from clp_jax.train import multihost
 from clp_jax.train.checkpoints import TrainCheckpoints
 from clp_jax.train.feature_store import FeatureStore
+from clp_jax.train.objectives import CLP_MARGINS
 from clp_jax.train.step import Trainer
 
 log = logging.getLogger(__name__)
 
 # What a resumed phase must share with its checkpoint; run.steps may grow, so it is not compared.
 RESUME_KEYS = ("heads_config", "backbone", "data", "train")
+EVAL_ONLY = ("confusion", "margin_heads", "margin_wrong")  # CLP sums that evaluate() reports, not per-step metrics
 
 
 class WindowSampler:
@@ -84,7 +86,7 @@ def _scalars(metrics: dict) -> dict:
     out = {}
     for key, value in metrics.items():
         value = np.asarray(value)
-        if key == "confusion":
+        if key in EVAL_ONLY:
             continue
         out[key] = value.tolist() if value.ndim else float(value)
     if "hits" in metrics:
@@ -252,12 +254,18 @@ def evaluate(trainer: Trainer, store: FeatureStore, records: np.ndarray, batch_s
             batch["labels"][len(rows):] = -1
         m = trainer.evaluate({k: v[multihost.process_rows(trainer.mesh, batch_size)] for k, v in batch.items()})
         hits, count = hits + np.asarray(m["hits"]), count + np.asarray(m["count"])
-        if "confusion" in m:
-            extra["confusion"] = extra.get("confusion", 0) + np.asarray(m["confusion"])
+        for key in EVAL_ONLY:
+            if key in m:
+                extra[key] = extra.get(key, 0) + np.asarray(m[key])
     out = {"agreement": (np.asarray(hits) / np.maximum(count, 1)).round(4).tolist(),
            "positions": int(np.max(count)) if np.size(count) else 0, "records": int(len(records))}
     if "confusion" in extra:
         c = extra["confusion"]
         out["clp_accuracy"] = round(float(np.trace(c) / max(c.sum(), 1)), 4)
         out["clp_confusion"] = c.tolist()  # rows: true L*, columns: predicted L
+        steps = max(int(c.sum()), 1)
+        out["clp_margins"] = {  # what `clp` commits per step at each margin, and the share of those heads wrong
+            "argmax" if margin is None else f"{margin:g}": {"heads_per_step": round(float(h) / steps, 4),
+                                                   "wrong_share": round(float(w) / max(float(h), 1), 4)}
+            for margin, h, w in zip(CLP_MARGINS, extra["margin_heads"], extra["margin_wrong"])}
     return out

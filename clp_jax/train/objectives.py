@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clp_jax.drafting.heads import Heads
+from clp_jax.drafting.heads import Heads, clp_length
 from clp_jax.model.numerics import prefix_len
+
+CLP_MARGINS = (None, 0.5, 0.7, 0.9, 0.95)  # evaluated margins of `clp`; None: the argmax (decode.py's default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,7 +174,12 @@ def clp_loss(heads: Heads, backbone, batch: dict, tc: TrainConfig, vocab: jax.Ar
     pred = jnp.argmax(logits, -1)
     pair = jnp.where(anchors, target * (k + 1) + pred, (k + 1) ** 2)
     confusion = jnp.bincount(pair.reshape(-1), length=(k + 1) ** 2 + 1)[:-1].reshape(k + 1, k + 1)
-    return loss, {"loss": loss, "accuracy": jnp.sum((pred == target) * anchors) / n, "confusion": confusion,
+    # what `clp` would commit at each margin (CLP_MARGINS; the argmax first), and how many of those heads are wrong
+    # (every head past the chain's first miss: the text has left the backbone's)
+    committed = jnp.stack([clp_length(logits, k, m) for m in CLP_MARGINS])  # [M, B, T]
+    wrong = jnp.maximum(committed - target[None], 0)
+    margins = {"margin_heads": jnp.sum(committed * anchors, (1, 2)), "margin_wrong": jnp.sum(wrong * anchors, (1, 2))}
+    return loss, {"loss": loss, "accuracy": jnp.sum((pred == target) * anchors) / n, "confusion": confusion, **margins,
                   "hits": jnp.sum(ok & anchors[..., None], (0, 1)), "count": jnp.sum(anchors) + jnp.zeros((k,), jnp.int32)}
 
 
