@@ -1,5 +1,6 @@
 """The feature store: recorded self-distillation equals a teacher-forced pass, shards resume, splits hold."""
 
+import json
 import os
 
 import ml_dtypes
@@ -92,3 +93,39 @@ def test_store_build_resumes_at_the_first_missing_shard(model, tmp_path):
     changed = {**inputs, "chat": [[1, 2, 3]] + inputs["chat"][1:]}
     with pytest.raises(ValueError, match="other inputs"):
         data.build_store(dc, changed, str(tmp_path / "a"), make_generator=lambda: dec.generate, **kw)
+
+
+def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path):
+    """Generated shards keep their tokens in run.continuations_dir; a store lost with its machine is rebuilt from
+    them by teacher forcing, never generating again, into the shards generation wrote (labels exact, hidden
+    states within a bf16 step, top-K equal up to near-ties); kept tokens of another backbone are refused."""
+    rng = np.random.RandomState(1)
+    inputs = {"corpus": [rng.randint(0, 128, 24).tolist() for _ in range(2)],
+              "chat": [rng.randint(0, 128, n).tolist() for n in (3, 6, 4, 9, 5)]}
+    dc = data.DataConfig(seq_len=24, corpus_records=2, chat_prompts=5, code_prompts=0, chat_code_prompts=0,
+                         max_prompt_len=12, new_tokens=6, soft_topk=2, shard_records=2)
+    dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=6, record_hidden=True, record_topk=2))
+    kept = str(tmp_path / "kept")
+    kw = dict(backbone=model, gen_batch_size=2, feature_batch_size=2, progress=False, continuations_dir=kept,
+              backbone_id="tiny:float32")
+    plan = data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=lambda: dec.generate, **kw)
+    assert sorted(os.listdir(kept)) == ["chat_000000_000002.npz", "chat_000002_000004.npz", "chat_000004_000005.npz"]
+
+    def never():
+        raise AssertionError("a kept shard was generated again")
+
+    assert data.build_store(dc, inputs, str(tmp_path / "b"), make_generator=never, **kw) == plan
+    a, b = fs.FeatureStore(str(tmp_path / "a"), plan), fs.FeatureStore(str(tmp_path / "b"), plan)
+    for name in ("tokens", "labels", "lengths", "prompt_lengths", "kinds"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for i in range(len(a)):
+        x, y = np.asarray(a.hidden[i], np.float32), np.asarray(b.hidden[i], np.float32)
+        assert np.all(np.abs(x - y) <= np.abs(y) * 2.0 ** -7 + 1e-6), i
+        target = a.labels[i] >= 0
+        assert np.mean(np.asarray(a.soft_ids[i])[target] == np.asarray(b.soft_ids[i])[target]) > 0.95
+        np.testing.assert_allclose(np.asarray(a.soft_probs[i], np.float32), np.asarray(b.soft_probs[i], np.float32),
+                                   atol=2e-3)
+    meta = json.load(open(tmp_path / "b" / "chat_000000_000002" / fs.META))
+    assert meta["source"].startswith("rebuilt from") and meta["seconds"] >= 0
+    with pytest.raises(ValueError, match="other backbone"):
+        data.build_store(dc, inputs, str(tmp_path / "c"), make_generator=never, **{**kw, "backbone_id": "other:float32"})

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sysconfig
+import time
 from typing import Iterator, Sequence
 
 import jax
@@ -239,10 +240,14 @@ def build_inputs(dc: DataConfig, tokenizer, backbone_id: str, data_dir: str) -> 
 # ---------------------------------------------------------------------- the feature store
 
 def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: str, *, backbone,
-                make_generator, gen_batch_size: int, feature_batch_size: int, progress: bool = True) -> list[str]:
+                make_generator, gen_batch_size: int, feature_batch_size: int, progress: bool = True,
+                continuations_dir: str = "", backbone_id: str = "") -> list[str]:
     """Writes every missing shard of the plan (resumable: complete shards are kept; on several processes
     each writes every P-th shard) and returns the plan's shard names in order. `make_generator()` gives
-    the recording `ar` decoder's generate function (built only when a self-distilled shard is missing)."""
+    the recording `ar` decoder's generate function (built only when a self-distilled shard is missing).
+    With `continuations_dir`, each generated shard's tokens are kept there (`<shard>.npz`, tagged with
+    `backbone_id`), and a missing self-distilled shard whose tokens are kept is rebuilt from them by one
+    teacher-forced pass instead of being generated again: a store lost with its machine comes back fast."""
     os.makedirs(store_dir, exist_ok=True)
     done = {d for d in os.listdir(store_dir) if os.path.exists(os.path.join(store_dir, d, fs.META))}
     counts = {kind: len(rows) for kind, rows in inputs.items() if rows}
@@ -260,23 +265,40 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
         if meta.get("inputs") != fs.input_digest(inputs[spec.kind][spec.start:spec.stop]):
             raise ValueError(f"Feature shard {s} in {store_dir} was built from other inputs (another corpus, "
                              "tokenizer or prompt set); use a new run.features_dir.")
+    if continuations_dir:
+        os.makedirs(continuations_dir, exist_ok=True)
     generate = None
     bar = tqdm(todo, desc="feature shards", unit="shard", disable=not progress)
     for spec in bar:
         rows = inputs[spec.kind][spec.start:spec.stop]
         bar.set_postfix(shard=spec.name)
+        t0 = time.perf_counter()
+        digest = fs.input_digest(rows)
+        kept = os.path.join(continuations_dir, f"{spec.name}.npz") if continuations_dir else ""
+        expect = {"inputs": digest, "backbone": backbone_id, "new_tokens": dc.new_tokens}
         if spec.kind == "corpus":
             tokens = np.zeros((len(rows), dc.seq_len), np.int32)
             for i, r in enumerate(rows):
                 tokens[i, :len(r)] = r
             arrays = fs.teacher_forced(backbone, tokens, np.array([len(r) for r in rows], np.int32),
                                        batch_size=feature_batch_size, topk=dc.soft_topk)
+            source = "teacher-forced"
+        elif kept and os.path.exists(kept):
+            arrays = fs.from_continuations(backbone, fs.load_continuations(kept, expect), dc.seq_len,
+                                           batch_size=feature_batch_size, topk=dc.soft_topk)
+            source = f"rebuilt from {kept}"
         else:
             generate = generate or make_generator()
             arrays = fs.self_distilled(generate, rows, dc.seq_len, batch_size=gen_batch_size, topk=dc.soft_topk)
+            if kept:
+                fs.save_continuations(kept, arrays, {**expect, "kind": spec.kind, "start": spec.start,
+                                                     "stop": spec.stop})
+            source = "generated"
+        seconds = time.perf_counter() - t0
         fs.write_shard(os.path.join(store_dir, spec.name), arrays,
                        {"kind": spec.kind, "start": spec.start, "stop": spec.stop, "soft_topk": dc.soft_topk,
-                        "inputs": fs.input_digest(rows)})
-        log.info("feature shard %s: %d targets", spec.name, int((arrays["labels"] >= 0).sum()))
+                        "inputs": digest, "seconds": round(seconds, 1), "source": source})
+        log.info("feature shard %s: %d targets in %.0f s (%s)", spec.name, int((arrays["labels"] >= 0).sum()),
+                 seconds, source)
     multihost.barrier(f"clp_jax feature store {store_dir}")
     return [s.name for s in plan]

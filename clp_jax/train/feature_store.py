@@ -184,6 +184,60 @@ def self_distilled(generate: Callable, prompts: Sequence[Sequence[int]], seq_len
     return out
 
 
+# ---------------------------------------------------------------------- continuations
+
+def save_continuations(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Keeps what a self-distilled shard cost to generate: each record's tokens (prompt + greedy continuation),
+    ragged and compressed (~50 KB per 64 records, small enough for a repository), with `meta` (inputs
+    digest, backbone). `from_continuations` rebuilds the whole shard from it with one teacher-forced pass,
+    several times faster than generating it again. Written atomically."""
+    lengths = np.asarray(arrays["lengths"], np.int32)
+    flat = np.concatenate([arrays["tokens"][i, :n] for i, n in enumerate(lengths)]).astype(np.int32)
+    tmp = path[:-len(".npz")] + ".partial.npz"
+    np.savez_compressed(tmp, tokens=flat, lengths=lengths, prompt_lengths=np.asarray(arrays["prompt_lengths"], np.int32),
+                        meta=np.asarray(json.dumps(meta, sort_keys=True)))
+    os.replace(tmp, path)
+
+
+def load_continuations(path: str, expect: dict) -> dict[str, np.ndarray]:
+    """The records of a continuations file (tokens flat, lengths, prompt_lengths); refuses one written for
+    other inputs, another backbone or another continuation length (`expect`: the meta it must carry)."""
+    with np.load(path) as f:
+        out = {k: f[k] for k in ("tokens", "lengths", "prompt_lengths")}
+        meta = json.loads(str(f["meta"]))
+    wrong = sorted(k for k, v in expect.items() if meta.get(k) != v)
+    if wrong:
+        raise ValueError(f"Continuations {path} were generated with other {', '.join(wrong)} "
+                         f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}; this run has "
+                         f"{', '.join(f'{k}={expect[k]!r}' for k in wrong)}). Point run.continuations_dir at "
+                         "another directory, or remove the file to generate it again.")
+    return out
+
+
+def from_continuations(model, records: dict[str, np.ndarray], seq_len: int, *, batch_size: int = 8, topk: int = 0,
+                       progress: bool = False) -> dict[str, np.ndarray]:
+    """A self-distilled shard from its kept tokens: one teacher-forced pass gives the hidden states and the
+    top-K that the recording decoder gave (tests/test_feature_store.py), the labels are the generated tokens,
+    and only the anchors of generated tokens are targets, as in `self_distilled`."""
+    lengths, prompt_lengths = records["lengths"], records["prompt_lengths"]
+    N = len(lengths)
+    tokens = np.zeros((N, seq_len), np.int32)
+    ends = np.cumsum(lengths)
+    for i, (e, n) in enumerate(zip(ends, lengths)):
+        tokens[i, :n] = records["tokens"][e - n:e]
+    out = teacher_forced(model, tokens, lengths, batch_size=batch_size, topk=topk, progress=progress)
+    labels = np.full((N, seq_len), -1, np.int32)
+    for i, (P, L) in enumerate(zip(prompt_lengths, lengths)):
+        anchors = np.arange(P - 1, L - 1)  # h_p of these positions chose the generated token at p+1
+        labels[i, anchors] = tokens[i, anchors + 1]
+        out["hidden"][i, L - 1:] = 0  # the recording decoder never computed the last token's state
+    if topk:
+        off = labels < 0
+        out["soft_ids"][off], out["soft_probs"][off] = 0, 0
+    out.update(labels=labels, prompt_lengths=prompt_lengths.astype(np.int32))
+    return out
+
+
 # ---------------------------------------------------------------------- reading
 
 class Rows:

@@ -165,7 +165,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
 
     plan = data_lib.build_store(dc, inputs, rc.store_dir, backbone=backbone.model, make_generator=make_generator,
                                 gen_batch_size=rc.gen_batch_size, feature_batch_size=rc.feature_batch_size,
-                                progress=progress)
+                                progress=progress, continuations_dir=rc.continuations_dir,
+                                backbone_id=f"{os.path.basename(str(backbone.source))}:{cfg.model.dtype}")
     timings["features"] = time.perf_counter() - t0
     store = fs.FeatureStore(rc.store_dir, plan)
     parts = splits(store, cfg, out_dir)

@@ -63,6 +63,9 @@ class RunConfig:
 
     out_dir: str = "runs/demo"
     features_dir: str = ""  # the feature store (default: out_dir/features); runs may share one
+    # self-distilled records' tokens, kept apart from the features (~50 KB per shard, e.g. in the repository):
+    # a store lost with its machine is rebuilt from them by teacher forcing instead of generation ("": none)
+    continuations_dir: str = ""
     steps: int = 200  # drafter phase
     batch_size: int = 8  # windows per step, global over all processes
     window: int = 256  # positions per window (<= data.seq_len)
