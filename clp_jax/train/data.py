@@ -277,10 +277,7 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
         kept = os.path.join(continuations_dir, f"{spec.name}.npz") if continuations_dir else ""
         expect = {"inputs": digest, "backbone": backbone_id, "new_tokens": dc.new_tokens}
         if spec.kind == "corpus":
-            tokens = np.zeros((len(rows), dc.seq_len), np.int32)
-            for i, r in enumerate(rows):
-                tokens[i, :len(r)] = r
-            arrays = fs.teacher_forced(backbone, tokens, np.array([len(r) for r in rows], np.int32),
+            arrays = fs.teacher_forced(backbone, fs.padded(rows, dc.seq_len), np.array([len(r) for r in rows], np.int32),
                                        batch_size=feature_batch_size, topk=dc.soft_topk)
             source = "teacher-forced"
         elif kept and os.path.exists(kept):

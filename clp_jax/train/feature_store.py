@@ -107,6 +107,14 @@ def write_shard(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
 
 # ---------------------------------------------------------------------- writers
 
+def padded(rows: Sequence[Sequence[int]], seq_len: int) -> np.ndarray:
+    """Token rows left-aligned in [N, seq_len] int32, zero after each row."""
+    tokens = np.zeros((len(rows), seq_len), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return tokens
+
+
 def teacher_forced(model, tokens: np.ndarray, lengths: np.ndarray, *, batch_size: int = 8, topk: int = 0,
                    progress: bool = False) -> dict[str, np.ndarray]:
     """One trunk pass per record: hidden states, greedy labels (and the top-`topk` distribution) at every
@@ -221,10 +229,7 @@ def from_continuations(model, records: dict[str, np.ndarray], seq_len: int, *, b
     and only the anchors of generated tokens are targets, as in `self_distilled`."""
     lengths, prompt_lengths = records["lengths"], records["prompt_lengths"]
     N = len(lengths)
-    tokens = np.zeros((N, seq_len), np.int32)
-    ends = np.cumsum(lengths)
-    for i, (e, n) in enumerate(zip(ends, lengths)):
-        tokens[i, :n] = records["tokens"][e - n:e]
+    tokens = padded(np.split(records["tokens"], np.cumsum(lengths)[:-1]), seq_len)
     out = teacher_forced(model, tokens, lengths, batch_size=batch_size, topk=topk, progress=progress)
     labels = np.full((N, seq_len), -1, np.int32)
     for i, (P, L) in enumerate(zip(prompt_lengths, lengths)):
