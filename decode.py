@@ -25,7 +25,8 @@ def parse_args(argv=None):
                    "less any whose slot would pad a pass to a costlier width: 3 of 4 on CPU)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="jsonl: strings, {'prompt': ...} or {'messages': [...]}")
-    p.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
+    p.add_argument("--chat", action="store_true", help="chat with the chat template: one user turn per line "
+                   "of stdin, typed or piped (EOF ends it; at a terminal an empty line too)")
     p.add_argument("--chat-template", action="store_true", help="wrap --prompt(s) in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-cache-len", type=int, default=4096)

@@ -72,6 +72,18 @@ def _files(d: str) -> dict:
     p["not_toml"] = os.path.join(d, "broken.toml")
     with open(p["not_toml"], "w") as f:
         f.write("[run\nsteps = \n")
+    # files that are not UTF-8, not JSON or empty (tests/test_file_errors.py has one test per kind of fault)
+    p["latin1_prompts"] = os.path.join(d, "latin1.jsonl")
+    with open(p["latin1_prompts"], "wb") as f:
+        f.write('"\u00e9t\u00e9"\n'.encode("latin-1"))
+    p["bad_json_prompts"] = os.path.join(d, "bad.jsonl")
+    with open(p["bad_json_prompts"], "w") as f:
+        f.write('"fine"\n{"prompt": \n')
+    p["empty_toml"] = os.path.join(d, "empty.toml")
+    open(p["empty_toml"], "w").close()
+    p["latin1_toml"] = os.path.join(d, "latin1.toml")
+    with open(p["latin1_toml"], "wb") as f:
+        f.write('[run]\nout_dir = "\u00e9t\u00e9"\n'.encode("latin-1"))
     return p
 
 
@@ -94,6 +106,10 @@ CASES = [
     ("draft_budget_bad", "decode.py", ["--draft-budget", "some"], "argument --draft-budget: invalid choice"),
     ("empty_prompt", "decode.py", ["--prompt", ""], "--prompt number 1 is empty"),
     ("prompts_file_missing", "decode.py", ["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
+    ("prompts_file_not_utf8", "decode.py", ["--prompts-file", "{latin1_prompts}"],
+     "Prompts file '{latin1_prompts}' is not UTF-8 text (byte 0xe9 at line 1, column 2): save it as UTF-8"),
+    ("prompts_file_bad_json", "decode.py", ["--prompts-file", "{bad_json_prompts}"],
+     "Prompts file '{bad_json_prompts}', line 2: not valid JSON"),
     ("model_missing", "decode.py", ["--model", "/nonexistent.gguf"], "/nonexistent.gguf does not exist"),
     ("model_missing_ar", "decode.py", ["--mode", "ar", "--model", "/nonexistent.gguf"], "does not exist"),
     ("gguf_truncated", "decode.py", ["--mode", "ar", "--model", "{truncated_gguf}"],
@@ -101,7 +117,7 @@ CASES = [
     ("gguf_is_text", "decode.py", ["--mode", "ar", "--model", "{text_gguf}"], "{text_gguf} is not a GGUF file"),
     ("model_is_config_json", "decode.py", ["--mode", "ar", "--model", "{config_json}"],
      "{config_json} is a file but not a GGUF file"),
-    ("hf_config_broken", "decode.py", ["--mode", "ar", "--model", "{hf_bad_config}"], "config.json is not valid JSON"),
+    ("hf_config_broken", "decode.py", ["--mode", "ar", "--model", "{hf_bad_config}"], "config.json' is not valid JSON"),
     ("safetensors_truncated", "decode.py", ["--mode", "ar", "--model", "{hf_truncated}"],
      "model.safetensors is truncated"),
     ("lr_abc", "train.py", ["--config", DEMO, "--set", "train.learning_rate=abc"],
@@ -131,6 +147,8 @@ CASES = [
      "Unknown config section(s) ['optimizer']"),
     ("toml_broken", "train.py", ["--config", "{not_toml}"], "is not valid TOML"),
     ("config_missing", "train.py", ["--config", "/nonexistent.toml"], "Config '/nonexistent.toml' does not exist"),
+    ("config_empty", "train.py", ["--config", "{empty_toml}"], "Config '{empty_toml}' is empty"),
+    ("config_not_utf8", "train.py", ["--config", "{latin1_toml}"], "Config '{latin1_toml}' is not UTF-8 text"),
     ("train_model_missing", "train.py", ["--config", DEMO, "--set", 'model.name="/nonexistent.gguf"'],
      "model.name '/nonexistent.gguf': file or directory /nonexistent.gguf does not exist"),
 ]

@@ -9,7 +9,6 @@ name, the drafter kind, k, the gate, the draft vocabulary and the calibration al
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,12 +18,9 @@ from clp_jax.drafting.heads import param_summary
 
 
 def _run_model(heads: str) -> str | None:
-    """The --model value recorded by train.py in the checkpoint's heads.json (None if absent)."""
-    try:
-        with open(os.path.join(heads, "heads.json")) as f:
-            return json.load(f).get("model")
-    except (OSError, ValueError):
-        return None
+    """The --model value recorded by train.py in the checkpoint's heads.json (None if absent); a missing or
+    unreadable heads.json raises CheckpointError naming it."""
+    return checkpoint.read_meta(os.path.abspath(os.path.expanduser(heads))).get("model")
 
 
 def main(argv=None) -> int:
@@ -33,14 +29,22 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="", help="the --model value these heads belong to (default: the run's)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = p.parse_args(argv)
-    model = args.model or _run_model(args.heads)
+    try:
+        model = args.model or _run_model(args.heads)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not model:
         print(f"error: {args.heads}/heads.json does not name its model; pass --model NAME.", file=sys.stderr)
         return 2
     dst = os.path.join(checkpoint.SHIPPED_DIR, f"{model}_heads")
     tmp = dst + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    heads = checkpoint.export_heads(args.heads, tmp, args.dtype)
+    try:
+        heads = checkpoint.export_heads(args.heads, tmp, args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)

@@ -238,11 +238,19 @@ def table_path(key: dict) -> str:
 
 
 def _read(path: str) -> dict | None:
+    """A cached table, or None: absent, or unreadable (truncated, not JSON), which is said and measured again."""
+    if not os.path.exists(path):
+        return None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None  # absent or unreadable: measured again
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f)
+        if not isinstance(entry, dict):
+            raise ValueError(f"it holds a JSON {type(entry).__name__}, not an object")
+        return entry
+    except (OSError, ValueError) as e:
+        log.warning("pass-cost table %s is unreadable (%s): measuring this machine's pass costs again "
+                    "(it is rewritten afterwards).", path, e)
+        return None
 
 
 def _write(path: str, entry: dict) -> None:

@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-import json
-import os
+from clp_jax.model import files
+
+
+PROMPTS_FORMAT = ('each line a JSON string, {"prompt": "..."} or {"messages": [{"role": "user", "content": '
+                  '"..."}]}')
 
 
 def read_prompts_file(path: str) -> list:
-    """Reads a jsonl file: each line a string, {"prompt": str} or {"messages": [{role, content}, ...]}."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Prompts file {path!r} does not exist.")
+    """Reads a jsonl file: each line a string, {"prompt": str} or {"messages": [{role, content}, ...]}.
+
+    Every error names the file (and the line) and says what a line should hold: one line for decode.py."""
+    what, fix = "Prompts file", f"A prompts file is JSON Lines: {PROMPTS_FORMAT}."
     prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e}).") from e
-            if isinstance(item, dict):
-                item = item.get("messages") or item.get("prompt")
-            if not isinstance(item, (str, list)) or not item:
-                raise ValueError(f"{path}:{n} needs a string, a 'prompt' or a 'messages' field.")
-            prompts.append(item)
+    for n, item in files.json_lines(path, what, hint=fix, empty_hint=fix):
+        where = f"{what} {path!r}, line {n}"
+        if isinstance(item, dict):
+            if "messages" not in item and "prompt" not in item:
+                raise files.FileFormatError(f"{where}: the object has no 'prompt' or 'messages' field (it has "
+                                            f"{sorted(item)}). {fix}")
+            item = item["messages"] if "messages" in item else item["prompt"]
+        if isinstance(item, list):
+            _check_messages(item, where, fix)
+        elif not isinstance(item, str):
+            raise files.FileFormatError(f"{where}: a prompt must be text, got {type(item).__name__} {item!r:.60}. "
+                                        f"{fix}")
+        elif not item.strip():
+            raise files.FileFormatError(f"{where}: the prompt is empty. {fix}")
+        prompts.append(item)
     if not prompts:
-        raise ValueError(f"Prompts file {path!r} holds no prompts.")
+        raise files.FileFormatError(f"{what} {path!r} holds no prompts (only blank lines). {fix}")
     return prompts
+
+
+def _check_messages(messages: list, where: str, fix: str) -> None:
+    """A chat: a non-empty list of {"role": str, "content": str}."""
+    if not messages:
+        raise files.FileFormatError(f"{where}: 'messages' is empty. {fix}")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise files.FileFormatError(f"{where}: message {i} must be an object with string 'role' and 'content' "
+                                        f"fields, got {m!r:.80}. {fix}")
 
 
 def encode(tokenizer, prompt, chat: bool) -> list[int]:

@@ -104,15 +104,30 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
     return 0
 
 
-def chat_loop(decoder: Decoder, tok, seed: int = 0) -> int:
-    """Interactive chat with the chat template; an empty line or EOF ends it."""
+def chat_loop(decoder: Decoder, tok, seed: int = 0, stdin=None) -> int:
+    """Chat with the chat template, one user turn per line of stdin. At a terminal an empty line, 'exit',
+    'quit' or EOF ends it; from a pipe or file each non-empty line is a turn (echoed after 'you> ', so the
+    transcript reads in order) until 'exit', 'quit' or the end of the input."""
+    stdin = stdin or sys.stdin
+    interactive = stdin.isatty()
     messages = []
     while True:
-        try:
-            line = input("\nyou> ").strip()
-        except EOFError:
-            return 0
-        if not line or line in ("exit", "quit"):
+        if interactive:
+            try:
+                line = input("\nyou> ").strip()
+            except EOFError:
+                return 0
+            if not line:
+                return 0
+        else:
+            raw = stdin.readline()
+            if not raw:  # end of the piped input
+                return 0
+            line = raw.strip()
+            if not line:
+                continue
+            print(f"\nyou> {line}", flush=True)
+        if line in ("exit", "quit"):
             return 0
         messages.append({"role": "user", "content": line})
         ids = encode(tok, messages, chat=True)

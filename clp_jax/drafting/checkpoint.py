@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from clp_jax.model import files
 from clp_jax.model.config import ModelConfig
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.weights import mimo
@@ -77,14 +78,35 @@ def read_heads_config(path: str) -> HeadsConfig:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(os.path.join(path, _META)) and mimo.is_export(path):
         return _mimo_heads_config(path)
+    return _heads_config(read_meta(path), os.path.join(path, _META))
+
+
+_FIX = ("Give a heads checkpoint written by train.py (a run's heads/ directory), or --heads zero for "
+        "untrained heads.")
+
+
+def read_meta(path: str) -> dict:
+    """A checkpoint's heads.json: a JSON object with a 'heads_config' field, or a CheckpointError naming
+    the file and what is wrong with it (missing, not UTF-8, empty, invalid JSON, a missing field)."""
     meta_path = os.path.join(path, _META)
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"Heads checkpoint {path!r} has no {_META}. {_FIX}")
     try:
-        with open(meta_path) as f:
-            return HeadsConfig(**json.load(f)["heads_config"])
-    except FileNotFoundError as e:
-        raise CheckpointError(f"Heads checkpoint {path!r} has no {_META}.") from e
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_path} is corrupt ({e}).") from e
+        return files.read_json_object(meta_path, "Heads metadata", required=("heads_config",), hint=_FIX)
+    except (files.FileFormatError, OSError) as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _heads_config(meta: dict, meta_path: str) -> HeadsConfig:
+    fields = meta["heads_config"]
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"Heads metadata {meta_path!r}: 'heads_config' must be an object, got "
+                              f"{fields!r:.60}. {_FIX}")
+    try:
+        return HeadsConfig(**fields)
+    except (TypeError, ValueError) as e:  # unknown or missing fields, out-of-range values
+        raise CheckpointError(f"Heads metadata {meta_path!r}: 'heads_config' is not a valid heads config ({e}). "
+                              f"{_FIX}") from e
 
 
 def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
@@ -98,12 +120,8 @@ def load_heads(path: str, backbone_cfg: ModelConfig | None = None) -> Heads:
         return _load_mimo_heads(path, backbone_cfg)
     if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, _PARAMS)):
         raise CheckpointError(f"{path!r} is not a heads checkpoint (expected {_META} and {_PARAMS}/).")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        cfg = HeadsConfig(**meta["heads_config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{meta_path} is corrupt ({e}).") from e
+    meta = read_meta(path)
+    cfg = _heads_config(meta, meta_path)
     if backbone_cfg is not None and meta.get("backbone") != backbone_fingerprint(backbone_cfg):
         raise CheckpointError(
             f"Heads in {path!r} were trained for another backbone ({meta.get('backbone')}); this backbone "
@@ -198,8 +216,7 @@ def export_heads(src: str, dst: str, dtype: str = "bfloat16") -> Heads:
     """Copies a heads checkpoint with its parameters cast to `dtype` (e.g. bf16 to ship them at half
     the size); heads.json keeps the backbone fingerprint and every extra field (evaluation, ...)."""
     heads = load_heads(src)
-    with open(os.path.join(os.path.abspath(os.path.expanduser(src)), _META)) as f:
-        meta = json.load(f)
+    meta = read_meta(os.path.abspath(os.path.expanduser(src)))
     out = Heads(dataclasses.replace(heads.cfg, param_dtype=dtype), rngs=nnx.Rngs(0),
                 draft_vocab=None if heads.draft_vocab is None else heads.draft_vocab[...],
                 calibration=heads.calibration_list())

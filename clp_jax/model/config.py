@@ -8,10 +8,11 @@ hashable (usable as a static jit argument) and validates itself on construction.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+
+from clp_jax.model import files
 
 MATMUL_LAYOUTS = ("auto", "rows", "cols")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -93,8 +94,7 @@ class ModelConfig:
     def from_hf_config(cls, hf: Mapping[str, Any] | str, **overrides) -> "ModelConfig":
         """Builds a config from a Hugging Face Qwen2 `config.json` (a dict or a path)."""
         if isinstance(hf, str):
-            with open(hf) as f:
-                hf = json.load(f)
+            hf = files.read_json_object(hf, "Model config")
         model_type = hf.get("model_type", "qwen2")
         if model_type != "qwen2":
             raise ValueError(f"Only Qwen2/Qwen2.5 checkpoints are supported, got model_type={model_type!r}.")

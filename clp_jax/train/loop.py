@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clp_jax.drafting.checkpoint import CheckpointError
+from clp_jax.model import files
 from clp_jax.train import multihost
 from clp_jax.train.checkpoints import TrainCheckpoints
 from clp_jax.train.feature_store import FeatureStore
@@ -108,11 +109,14 @@ class EarlyStopping:
         self.best = TrainCheckpoints(best_dir, every=1, keep=1)
         self._recorded: dict[int, float] = {}  # read once here, then kept in step with the file
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    if line.strip():
-                        row = json.loads(line)
-                        self._recorded[row["step"]] = row["score"]
+            fix = ("It is this run's record of held-out scores: delete the bad line (or the file, to count "
+                   "patience afresh) and run again.")
+            for n, row in files.json_lines(self.path, "Scores file", hint=fix):
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int) \
+                        or not isinstance(row.get("score"), (int, float)):
+                    raise files.FileFormatError(f"Scores file {self.path!r}, line {n}: needs an integer 'step' "
+                                                f"and a number 'score', got {row!r:.80}. {fix}")
+                self._recorded[row["step"]] = row["score"]
 
     def scores(self, upto: int) -> dict[int, float]:
         """{step: score} recorded up to step `upto` (a step scored twice keeps its last score)."""

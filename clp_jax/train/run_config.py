@@ -16,6 +16,7 @@ import typing
 import jax
 
 from clp_jax.drafting.heads import HeadsConfig
+from clp_jax.model import files
 from clp_jax.model.config import parse_dtype
 from clp_jax.model.sharding import MeshConfig
 from clp_jax.train.data import DataConfig
@@ -213,13 +214,16 @@ def parse_override(item: str) -> tuple[str, str, object]:
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
     """A TOML run config plus `section.key=value` overrides, fully validated."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Config {path!r} does not exist.")
+    example = "see configs/draft_layer_demo.toml for one that works"
+    text = files.read_text(path, "Config", hint=f"Give a TOML run config ({example}).",
+                           empty_hint=f"A run config needs at least one table such as [run] ({example}).")
     try:
-        with open(path, "rb") as f:
-            tables = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Config {path!r} is not valid TOML ({e}).") from e
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Config {path!r} is not valid TOML ({e}): fix that line ({example}).") from e
+    if not tables:
+        raise ConfigError(f"Config {path!r} holds only comments: a run config needs at least one table "
+                          f"such as [run] ({example}).")
     for item in overrides:
         section, name, value = parse_override(item)
         tables.setdefault(section, {})[name] = value

@@ -10,7 +10,6 @@ and the same check that every parameter is set exactly once.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from typing import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from flax import nnx
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from clp_jax.model import files as user_files
 from clp_jax.model.config import ModelConfig
 from clp_jax.model.qwen2 import Qwen2, abstract_model
 
@@ -214,13 +214,22 @@ def hf_to_flat(tensors: Iterable[tuple[str, Array]], cfg: ModelConfig) -> dict[s
 # ---------------------------------------------------------------- Hugging Face directory
 
 
+def index_files(index: str) -> list[str]:
+    """The weight files a sharded checkpoint's model.safetensors.index.json names (its weight_map's values)."""
+    fix = "Copy the checkpoint again: its index must map every tensor name to a .safetensors file."
+    weight_map = user_files.read_json_object(index, "Safetensors index", required=("weight_map",),
+                                             hint=fix)["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise user_files.FileFormatError(f"Safetensors index {index!r}: 'weight_map' must map tensor names to "
+                                         f"file names. {fix}")
+    return sorted(set(weight_map.values()))
+
+
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, jnp.ndarray]]:
     """Yields (name, array) from a single or sharded safetensors checkpoint (bf16 kept as bf16)."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(model_dir, f) for f in files]
+        files = [os.path.join(model_dir, f) for f in index_files(index)]
     else:
         files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:

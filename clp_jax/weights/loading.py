@@ -22,6 +22,7 @@ import gguf
 from flax import nnx
 from safetensors.flax import load_file, save_file
 
+from clp_jax.model import files as user_files
 from clp_jax.model.config import ModelConfig
 from clp_jax.model.qwen2 import Qwen2, abstract_model
 from clp_jax.weights import assets, convert
@@ -93,13 +94,22 @@ def _check_hf_dir(path: str) -> None:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise ModelFileError(f"{path} has no config.json: is it a Hugging Face model directory?")
+    fix = "Give the directory of a Hugging Face Qwen2 / Qwen2.5 checkpoint (config.json and *.safetensors)."
     try:
-        with open(config) as f:
-            ModelConfig.from_hf_config(json.load(f))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{config} is not valid JSON ({e}).") from e
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{config} is not a Qwen2 config ({type(e).__name__}: {e}).") from e
+        hf = user_files.read_json_object(config, "Model config", hint=fix)
+    except user_files.FileFormatError as e:
+        raise ModelFileError(str(e)) from e
+    try:
+        ModelConfig.from_hf_config(hf)
+    except KeyError as e:
+        raise ModelFileError(f"Model config {config!r} has no {e} field, so it is not a Qwen2 config. {fix}") from e
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"Model config {config!r} is not a Qwen2 config ({type(e).__name__}: {e}).") from e
+    if os.path.exists(os.path.join(path, "generation_config.json")):
+        try:
+            _generation_config(path)  # eos_token_ids reads it after the slow conversion: checked now
+        except user_files.FileFormatError as e:
+            raise ModelFileError(str(e)) from e
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ModelFileError(f"{path} holds no *.safetensors weights.")
@@ -149,14 +159,18 @@ def _cache_key(kind: str, path: str, param_dtype: str) -> str:
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
+def _generation_config(hf_dir: str) -> dict:
+    return user_files.read_json_object(os.path.join(hf_dir, "generation_config.json"), "Generation config",
+                                       hint="Fix or delete it (it only adds end-of-turn tokens).")
+
+
 def eos_token_ids(tokenizer, hf_dir: str | None = None) -> tuple[int, ...]:
     """Every token that ends a turn: the tokenizer's EOS, generation_config's, and Qwen's end markers."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     if hf_dir and os.path.exists(os.path.join(hf_dir, "generation_config.json")):
-        with open(os.path.join(hf_dir, "generation_config.json")) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = _generation_config(hf_dir).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)

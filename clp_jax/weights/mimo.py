@@ -38,7 +38,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from clp_jax.model import files
 from clp_jax.model.config import ModelConfig
+from clp_jax.weights import convert
 from clp_jax.weights.convert import MTP_PREFIX, flat_to_hf, hf_tensors, hf_to_flat
 
 ARCHITECTURE = "MiMoForCausalLM"
@@ -134,8 +136,8 @@ def hf_config(cfg: ModelConfig, *, dtype: str, bos_token_id, eos_token_ids, reco
 
 
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    return files.read_json_object(os.path.join(path, "config.json"), "MiMo-MTP config",
+                                  hint="Export the drafter again with tools/export_vllm.py.")
 
 
 def is_export(path: str) -> bool:
@@ -278,7 +280,5 @@ def read_draft_layer(path: str, cfg: ModelConfig) -> tuple[dict, dict | None, di
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, n) for n in names]
+        return [os.path.join(path, n) for n in convert.index_files(index)]
     return sorted(os.path.join(path, n) for n in os.listdir(path) if re.fullmatch(r".*\.safetensors", n))
