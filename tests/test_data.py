@@ -88,3 +88,31 @@ def test_stdlib_corpus_exists_and_excludes_tests():
 def test_catalog_dataset_offline_says_what_to_do():
     with pytest.raises(RuntimeError, match="catalog dataset"):
         list(data.read_texts("tfds:no_such_dataset_here:train"))
+
+
+def test_prompts_sharing_a_run_of_words_with_a_bench_prompt_are_dropped():
+    overlap = prompts.BenchOverlap(["Write a Python function that reverses the words of a sentence, keeping order."])
+    assert overlap("Please write a python function that reverses the words of a sentence!")
+    assert not overlap("Write a Python function that sorts the words of a sentence.")
+    bench = prompts.BenchOverlap.of_bench()
+    assert all(bench(t) for t in CHAT_PROMPTS)
+    assert not any(bench(t) for t in prompts.chat_requests(0)[:500])
+
+
+def test_sharegpt_reads_a_truncated_file_and_keeps_distinct_opening_requests(tmp_path):
+    from clp_jax.train import sharegpt
+
+    recs = [{"id": "a_0", "conversations": [{"from": "human", "value": "How do tides work, in short?"},
+                                            {"from": "gpt", "value": "The Moon..."}]},
+            {"id": "a_1", "conversations": [{"from": "human", "value": "And what about the Sun's part?"}]},
+            {"id": "b_0", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "Why is the"
+                                                                                                 " sky blue?"}]},
+            {"id": "c_0", "conversations": [{"from": "human", "value": "How do tides work, in short?"}]},
+            {"id": "d_0", "conversations": [{"from": "human", "value": "ok"}]},
+            {"id": "e_0", "conversations": [{"from": "human", "value": "Это вопрос на русском языке?"}]}]
+    import json
+
+    text = "[" + ", ".join(json.dumps(r) for r in recs) + ', {"id": "f_0", "conversations": [{"from": "hu'
+    path = tmp_path / "sharegpt.json"
+    path.write_text(text, encoding="utf-8")
+    assert sharegpt.requests(str(path)) == ["How do tides work, in short?", "Why is the sky blue?"]

@@ -1,12 +1,14 @@
 """The feature store: recorded self-distillation equals a teacher-forced pass, shards resume, splits hold."""
 
 import json
+import logging
 import os
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from clp_jax.decode import batching
 from clp_jax.decode.loop import DecodeConfig, Decoder
 from clp_jax.train import data, feature_store as fs
 
@@ -14,7 +16,7 @@ from clp_jax.train import data, feature_store as fs
 @pytest.fixture(scope="module")
 def generate(model):
     dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=10, record_hidden=True, record_topk=4))
-    return dec.generate
+    return lambda prompts: batching.stream(dec, prompts, 2, refill_rows=1)
 
 
 def _bf16(x):
@@ -25,7 +27,7 @@ def test_recorded_states_equal_a_teacher_forced_pass(model, prompts, generate):
     """The hidden states the decoder records while generating are the trunk's states of the same tokens
     (up to fp32 noise, then both rounded to bf16); the labels are the generated tokens and the soft
     labels' top-1."""
-    sd = fs.self_distilled(generate, prompts, 32, batch_size=2, topk=4)
+    sd = fs.self_distilled(generate, prompts, 32, topk=4)
     tf = fs.teacher_forced(model, sd["tokens"], sd["lengths"], batch_size=3, topk=4)
     for i, p in enumerate(prompts):
         L, P = sd["lengths"][i], len(p)
@@ -65,23 +67,23 @@ def test_store_build_resumes_at_the_first_missing_shard(model, tmp_path):
     dc = data.DataConfig(seq_len=24, corpus_records=5, chat_prompts=5, code_prompts=0, chat_code_prompts=0,
                          max_prompt_len=12, new_tokens=6, soft_topk=2, shard_records=2)
     dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=6, record_hidden=True, record_topk=2))
-    kw = dict(backbone=model, gen_batch_size=2, feature_batch_size=2, progress=False)
-    calls = []
+    kw = dict(backbone=model, feature_batch_size=2, progress=False)
+    stream = lambda: lambda p: batching.stream(dec, p, 2, refill_rows=1)  # noqa: E731
 
-    def failing():  # the "machine" dies during the second self-distilled shard
+    def failing():  # the "machine" dies after the third finished record (shard 1 complete, shard 2 not)
         def gen(p):
-            calls.append(len(p))
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return dec.generate(p)
+            for i, row in enumerate(batching.stream(dec, p, 2, refill_rows=1)):
+                if i == 3:
+                    raise KeyboardInterrupt
+                yield row
         return gen
 
     with pytest.raises(KeyboardInterrupt):
         data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=failing, **kw)
     done = sorted(d for d in os.listdir(tmp_path / "a") if os.path.exists(tmp_path / "a" / d / fs.META))
-    assert done == ["chat_000000_000002", "corpus_000000_000002", "corpus_000002_000004"]
-    plan = data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=lambda: dec.generate, **kw)
-    ref_plan = data.build_store(dc, inputs, str(tmp_path / "b"), make_generator=lambda: dec.generate, **kw)
+    assert len(done) == 1 and done[0].startswith("chat_")  # generation runs first; a shard is whole or absent
+    plan = data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=stream, **kw)
+    ref_plan = data.build_store(dc, inputs, str(tmp_path / "b"), make_generator=stream, **kw)
     assert plan == ref_plan and len(plan) == 6
     a, b = fs.FeatureStore(str(tmp_path / "a"), plan), fs.FeatureStore(str(tmp_path / "b"), plan)
     for name in ("tokens", "labels", "lengths", "prompt_lengths", "kinds"):
@@ -92,13 +94,14 @@ def test_store_build_resumes_at_the_first_missing_shard(model, tmp_path):
     assert w["hidden"].shape == (2, 16, model.cfg.hidden_size) and w["soft_ids"].shape == (2, 16, 2)
     changed = {**inputs, "chat": [[1, 2, 3]] + inputs["chat"][1:]}
     with pytest.raises(ValueError, match="other inputs"):
-        data.build_store(dc, changed, str(tmp_path / "a"), make_generator=lambda: dec.generate, **kw)
+        data.build_store(dc, changed, str(tmp_path / "a"), make_generator=stream, **kw)
 
 
-def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path):
+def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path, caplog):
     """Generated shards keep their tokens in run.continuations_dir; a store lost with its machine is rebuilt from
     them by teacher forcing, never generating again, into the shards generation wrote (labels exact, hidden
-    states within a bf16 step, top-K equal up to near-ties); kept tokens of another backbone are refused."""
+    states within a bf16 step, top-K equal up to near-ties). A kept file that is corrupted, or was made by another
+    backbone, is never used: it is logged and generated again."""
     rng = np.random.RandomState(1)
     inputs = {"corpus": [rng.randint(0, 128, 24).tolist() for _ in range(2)],
               "chat": [rng.randint(0, 128, n).tolist() for n in (3, 6, 4, 9, 5)]}
@@ -106,9 +109,17 @@ def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path):
                          max_prompt_len=12, new_tokens=6, soft_topk=2, shard_records=2)
     dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=6, record_hidden=True, record_topk=2))
     kept = str(tmp_path / "kept")
-    kw = dict(backbone=model, gen_batch_size=2, feature_batch_size=2, progress=False, continuations_dir=kept,
+    kw = dict(backbone=model, feature_batch_size=2, progress=False, continuations_dir=kept,
               backbone_id="tiny:float32")
-    plan = data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=lambda: dec.generate, **kw)
+    calls = []
+
+    def stream():
+        def gen(p):
+            calls.append(len(p))
+            return batching.stream(dec, p, 2, refill_rows=1)
+        return gen
+
+    plan = data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=stream, **kw)
     assert sorted(os.listdir(kept)) == ["chat_000000_000002.npz", "chat_000002_000004.npz", "chat_000004_000005.npz"]
 
     def never():
@@ -127,5 +138,23 @@ def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path):
                                    atol=2e-3)
     meta = json.load(open(tmp_path / "b" / "chat_000000_000002" / fs.META))
     assert meta["source"].startswith("rebuilt from") and meta["seconds"] >= 0
-    with pytest.raises(ValueError, match="other backbone"):
-        data.build_store(dc, inputs, str(tmp_path / "c"), make_generator=never, **{**kw, "backbone_id": "other:float32"})
+    summary = fs.continuations_summary(kept)
+    assert summary["chat"]["files"] == 3 and summary["chat"]["generated_tokens"] == 5 * 6
+
+    # a corrupted file (one flipped byte inside its compressed tokens) and a file of another backbone
+    path = os.path.join(kept, "chat_000002_000004.npz")
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 3] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(fs.StaleContinuations):
+        fs.load_continuations(path, {})
+    with caplog.at_level(logging.WARNING):
+        calls.clear()
+        assert data.build_store(dc, inputs, str(tmp_path / "c"), make_generator=stream, **kw) == plan
+    assert calls == [2] and "chat_000002_000004" in caplog.text and "generating shard" in caplog.text
+    fs.load_continuations(path, {"backbone": "tiny:float32"})  # written again, whole
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        calls.clear()
+        data.build_store(dc, inputs, str(tmp_path / "d"), make_generator=stream, **{**kw, "backbone_id": "other:f32"})
+    assert calls == [5] and "other backbone" in caplog.text

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clp_jax.decode import batching
 from clp_jax.decode.loop import DecodeConfig, Decoder
 from clp_jax.drafting.checkpoint import CheckpointError, load_heads, save_heads
 from clp_jax.drafting.heads import Heads, HeadsConfig
@@ -31,9 +32,13 @@ def store(model, tmp_path_factory):
                          max_prompt_len=12, new_tokens=12, soft_topk=3, shard_records=4)
     dec = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=12, record_hidden=True, record_topk=3))
     path = str(tmp_path_factory.mktemp("store"))
-    plan = data.build_store(dc, inputs, path, backbone=model, make_generator=lambda: dec.generate,
-                            gen_batch_size=4, feature_batch_size=3, progress=False)
+    plan = data.build_store(dc, inputs, path, backbone=model, make_generator=lambda: stream_of(dec, 4),
+                            feature_batch_size=3, progress=False)
     return fs.FeatureStore(path, plan)
+
+
+def stream_of(dec, batch_size):
+    return lambda prompts: batching.stream(dec, prompts, batch_size)
 
 
 def _trainer(model, k=2, steps=8, tc=None):

@@ -76,6 +76,14 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length of a prefill: a power of two up to 64, then a multiple of 64 (a 130-token
+    prompt runs at 192, not 256: prefill costs as much per token as decoding)."""
+    if n <= 64:
+        return _bucket(n, MIN_PROMPT_BUCKET)
+    return -(-n // 64) * 64
+
+
 def _compute_dtype_heads(heads, dtype):
     """The heads' parameters cast once to the backbone's compute dtype on CPU: XLA:CPU does not fuse a
     weight conversion into its dots, so bf16 heads would pay a cast of every weight at every draft step
@@ -163,28 +171,61 @@ class Decoder:
         heads = None if self._heads_def is None else nnx.merge(self._heads_def, heads_state)
         return model, heads
 
-    def _prefill_impl(self, model_state, heads_state, tokens, prompt_len, done, rng):
-        model, heads = self._merge(model_state, heads_state)
+    def _fresh_state(self, model, heads, tokens, prompt_len, done, rng, capacity: int, cache_len: int,
+                     batch: int):
+        """The state of rows about to be prefilled with `tokens` [B, P]: buffers of `capacity` positions,
+        a KV cache of `cache_len` (the refill of a few rows caches only their prompt's positions); `batch`:
+        the running batch's size (whose mode and pass-cost table they use)."""
         B, P = tokens.shape
-        S = self._capacity(P)
-        k = self.dc.k
-        advance = self._advance(B)
-        mode = advance.mode
-        st = DecodeState(
+        S, k = capacity, self.dc.k
+        rec = lambda n, *shape, dtype: jnp.zeros((B, S if n else 0, *shape), dtype)  # noqa: E731
+        return DecodeState(
             buf=jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens),
             length=prompt_len, fed=jnp.zeros((B,), jnp.int32), n_draft=jnp.zeros((B,), jnp.int32),
             prompt_len=prompt_len, done=done, rng=rng, steps=jnp.zeros((), jnp.int32),
             passes=jnp.zeros((B,), jnp.int32), offered=jnp.zeros((B, k), jnp.int32),
-            accepted=jnp.zeros((B, k), jnp.int32), cache=init_cache(self.cfg, B, S),
-            mode_state=mode.init_state(B, S, model, heads), stats=init_stats(B, self.width, k),
-            rec_hidden=jnp.zeros((B, S if self.dc.record_hidden else 0, self.cfg.hidden_size), jnp.bfloat16),
-            rec_topk_ids=jnp.zeros((B, S if self.dc.record_topk else 0, self.dc.record_topk), jnp.int32),
-            rec_topk_probs=jnp.zeros((B, S if self.dc.record_topk else 0, self.dc.record_topk), jnp.float32))
+            accepted=jnp.zeros((B, k), jnp.int32), cache=init_cache(self.cfg, B, cache_len),
+            mode_state=self._advance(batch).mode.init_state(B, S, model, heads), stats=init_stats(B, self.width, k),
+            rec_hidden=rec(self.dc.record_hidden, self.cfg.hidden_size, dtype=jnp.bfloat16),
+            rec_topk_ids=rec(self.dc.record_topk, self.dc.record_topk, dtype=jnp.int32),
+            rec_topk_probs=rec(self.dc.record_topk, self.dc.record_topk, dtype=jnp.float32))
+
+    def _prefill_pass(self, model, heads, st: DecodeState, tokens, prompt_len, batch: int) -> DecodeState:
+        """The prompt's pass over `tokens` [B, P] and the first commit (the advance of a batch of `batch`)."""
+        B, P = tokens.shape
+        advance = self._advance(batch)
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         hidden, cache = model(tokens, positions, st.cache)
         st = st.replace(cache=cache)
-        kernel = heads.draft_kernel(model) if mode.drafts else None
+        kernel = heads.draft_kernel(model) if advance.mode.drafts else None
         return advance(model, heads, st, Step(hidden, tokens, positions, prompt_len - 1, kernel, prefill=True))
+
+    def _prefill_impl(self, model_state, heads_state, tokens, prompt_len, done, rng, capacity: int):
+        model, heads = self._merge(model_state, heads_state)
+        B = tokens.shape[0]
+        st = self._fresh_state(model, heads, tokens, prompt_len, done, rng, capacity, capacity, B)
+        return self._prefill_pass(model, heads, st, tokens, prompt_len, B)
+
+    def _refill_impl(self, model_state, heads_state, st: DecodeState, rows, tokens, prompt_len):
+        """Prefills new prompts `tokens` [R, P] into rows `rows` [R] of a running batch (index B: a padding
+        row, dropped); every other row is left as it was. The new rows' state is built as a prefill of R
+        rows with a P-position cache, then scattered in: buffers and statistics whole, the cache's first P
+        positions (later positions hold the old prompt's entries, masked by position until overwritten)."""
+        model, heads = self._merge(model_state, heads_state)
+        B, S = st.buf.shape
+        rng, key = jax.random.split(st.rng)
+        sub = self._fresh_state(model, heads, tokens, prompt_len, rows >= B, key, S, tokens.shape[1], B)
+        sub = self._prefill_pass(model, heads, sub, tokens, prompt_len, B)
+
+        def put(big, small):
+            if big.ndim == 0:  # the step counter and the RNG key stay the batch's
+                return big
+            if big.shape[1:] == small.shape[1:]:
+                return big.at[rows].set(small, mode="drop")
+            cols = jnp.arange(small.shape[1])  # the KV cache: [R, P, ...] into [B, S, ...]
+            return big.at[rows[:, None], cols[None, :]].set(small, mode="drop")
+
+        return jax.tree.map(put, st, sub).replace(rng=rng)
 
     def _run_impl(self, model_state, heads_state, st: DecodeState, stop_at):
         model, heads = self._merge(model_state, heads_state)
@@ -258,12 +299,13 @@ class Decoder:
                                  f"({self.dc.max_new_tokens}) exceeds the cache ({limit} positions); "
                                  "lower --max-new-tokens or raise --max-cache-len.")
 
-    def start(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> DecodeState:
-        """Prefills a batch of prompts (bucketed) and returns the state after the first token(s)."""
+    def start(self, prompts: Sequence[Sequence[int]], seed: int = 0, capacity: int = 0) -> DecodeState:
+        """Prefills a batch of prompts (bucketed) and returns the state after the first token(s).
+        `capacity`: at least this many cache positions (rows refilled later with longer prompts)."""
         self.check_prompts(prompts)
         n = len(prompts)
         B = _bucket(n, 1)
-        P = _bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+        P = prompt_bucket(max(len(p) for p in prompts))
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones((B,), np.int32)
         for i in range(B):  # padding rows repeat prompt 0 and start finished
@@ -271,9 +313,36 @@ class Decoder:
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
         self.costs(B)  # measured here (first use on this machine), not while tracing
+        S = max(self._capacity(P), capacity)
         args = (self._model_state, self._heads_state, jnp.asarray(tokens), jnp.asarray(lengths),
                 jnp.asarray(np.arange(B) >= n), jax.random.key(seed))
-        return self._get("prefill", self._prefill_impl, (), args)(*args)
+        return self._get(f"prefill@{S}", functools.partial(self._prefill_impl, capacity=S), (), args)(*args)
+
+    def refill(self, st: DecodeState, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> DecodeState:
+        """Prefills `prompts` into the (finished) rows `rows` of a running state, which keeps its other rows
+        and their caches (continuous batching: decode/batching.py). Donates `st`."""
+        self.check_prompts(prompts)
+        B, S = st.buf.shape
+        if len(rows) != len(prompts) or not 0 < len(rows) <= B:
+            raise ValueError(f"refill: {len(rows)} rows for {len(prompts)} prompts in a batch of {B}.")
+        P = prompt_bucket(max(len(p) for p in prompts))
+        if P + self.dc.max_new_tokens + self.slack > S:
+            raise ValueError(f"refill: a prompt of {max(len(p) for p in prompts)} tokens does not fit this "
+                             f"batch's cache ({S} positions); start it with a larger capacity.")
+        R = _bucket(len(rows), 1)
+        tokens = np.zeros((R, P), np.int32)
+        lengths = np.ones((R,), np.int32)
+        index = np.full((R,), B, np.int32)  # padding rows: index B, dropped
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)], lengths[i], index[i] = p, len(p), rows[i]
+        tokens[len(prompts):], lengths[len(prompts):] = tokens[0], lengths[0]
+        args = (self._model_state, self._heads_state, st, jnp.asarray(index), jnp.asarray(tokens),
+                jnp.asarray(lengths))
+        return self._get("refill", self._refill_impl, (2,), args)(*args)
+
+    def capacity_for(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Cache positions a batch needs to hold any of `prompts` with its continuation."""
+        return self._capacity(prompt_bucket(max(len(p) for p in prompts)))
 
     def advance(self, st: DecodeState, max_steps: int) -> DecodeState:
         """Runs up to max_steps loop iterations (fewer if every row finishes). Donates `st`."""

@@ -1,7 +1,7 @@
 """Training inputs through tensorflow-datasets, and the feature store built from them.
 
-Inputs are token records of four kinds (prompts.KINDS): packed corpus text ('corpus', teacher-forced)
-and self-distillation prompts ('code', 'chat_code', 'chat'). They are written once as a
+Inputs are token records of five kinds (prompts.KINDS): packed corpus text ('corpus', teacher-forced)
+and self-distillation prompts ('code', 'chat_code', 'chat', 'sharegpt'). They are written once as a
 tensorflow-datasets dataset in array_record (readable without TensorFlow), one split per kind, each a
 prefix-stable list (a larger count only appends records). `build_store` then turns them into feature
 shards (clp_jax/train/feature_store.py): a trunk pass per corpus record, a recorded `ar` generation per
@@ -46,6 +46,7 @@ class DataConfig:
     code_prompts: int = 32  # raw code completions (a documented function's signature + docstring)
     chat_code_prompts: int = 32  # chat-template requests for code
     chat_prompts: int = 32  # chat-template requests in prose
+    sharegpt_prompts: int = 0  # real users' chat requests (ShareGPT's opening turns), through the chat template
     max_prompt_len: int = 192
     new_tokens: int = 192  # greedy continuation per prompt
     soft_topk: int = 8  # the backbone's top-K next-token distribution stored per target (0: none)
@@ -59,7 +60,7 @@ class DataConfig:
             raise ValueError("data.sources is empty: name 'stdlib', files, directories or tfds:NAME.")
         bounds = dict(max_files=(1, 1_000_000), seq_len=(16, 8192), corpus_records=(0, MAX_RECORDS),
                       code_prompts=(0, MAX_RECORDS), chat_code_prompts=(0, MAX_RECORDS),
-                      chat_prompts=(0, MAX_RECORDS), max_prompt_len=(4, 8192), new_tokens=(1, 8192),
+                      chat_prompts=(0, MAX_RECORDS), sharegpt_prompts=(0, MAX_RECORDS), max_prompt_len=(4, 8192), new_tokens=(1, 8192),
                       soft_topk=(0, 64), shard_records=(1, 100_000), seed=(0, 2 ** 31 - 1))
         for name, (lo, hi) in bounds.items():
             if not lo <= getattr(self, name) <= hi:
@@ -76,7 +77,7 @@ class DataConfig:
     def counts(self) -> dict[str, int]:
         """Records asked for, per kind (kinds with 0 left out)."""
         n = {"corpus": self.corpus_records, "code": self.code_prompts, "chat_code": self.chat_code_prompts,
-             "chat": self.chat_prompts}
+             "chat": self.chat_prompts, "sharegpt": self.sharegpt_prompts}
         return {k: v for k, v in n.items() if v}
 
 
@@ -125,15 +126,30 @@ def read_catalog(spec: str) -> Iterator[str]:
 
 
 def read_texts(path: str) -> Iterator[str]:
+    """The texts of a corpus file (bytes that are not UTF-8 replaced): the whole file, or for .jsonl each
+    line's string or its object's 'text' (or 'prompt') field; a bad .jsonl line names the file and line."""
     if path.startswith("tfds:"):
         yield from read_catalog(path)
         return
     with open(path, encoding="utf-8", errors="replace") as f:
         if path.endswith(".jsonl"):
-            for line in f:
-                if line.strip():
+            fix = 'A .jsonl data source holds one JSON string or {"text": "..."} object per line.'
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
                     item = json.loads(line)
-                    yield item if isinstance(item, str) else item.get("text") or item.get("prompt") or ""
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"Data source {path!r}, line {n}: not valid JSON ({e.msg} at column "
+                                     f"{e.colno}). {fix}") from e
+                if isinstance(item, dict) and isinstance(item.get("text", item.get("prompt")), str):
+                    item = item.get("text", item.get("prompt"))
+                if isinstance(item, dict):
+                    raise ValueError(f"Data source {path!r}, line {n}: an object with no string 'text' field (it "
+                                     f"has {sorted(item)}). {fix}")
+                if not isinstance(item, str):
+                    raise ValueError(f"Data source {path!r}, line {n}: a JSON {type(item).__name__}. {fix}")
+                yield item
         else:
             yield f.read()
 
@@ -240,14 +256,19 @@ def build_inputs(dc: DataConfig, tokenizer, backbone_id: str, data_dir: str) -> 
 # ---------------------------------------------------------------------- the feature store
 
 def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: str, *, backbone,
-                make_generator, gen_batch_size: int, feature_batch_size: int, progress: bool = True,
-                continuations_dir: str = "", backbone_id: str = "") -> list[str]:
+                make_generator, feature_batch_size: int, progress: bool = True, continuations_dir: str = "",
+                backbone_id: str = "") -> list[str]:
     """Writes every missing shard of the plan (resumable: complete shards are kept; on several processes
-    each writes every P-th shard) and returns the plan's shard names in order. `make_generator()` gives
-    the recording `ar` decoder's generate function (built only when a self-distilled shard is missing).
-    With `continuations_dir`, each generated shard's tokens are kept there (`<shard>.npz`, tagged with
-    `backbone_id`), and a missing self-distilled shard whose tokens are kept is rebuilt from them by one
-    teacher-forced pass instead of being generated again: a store lost with its machine comes back fast."""
+    each writes every P-th shard) and returns the plan's shard names in order.
+
+    Generation comes first, since it is the dear part: the prompts of every missing self-distilled shard
+    stream through one continuously batched `ar` decoder (`make_generator()` gives `stream(prompts)`, built
+    only when something is missing), and each shard is written as soon as its last record finishes, so a
+    killed job loses only the records in flight. With `continuations_dir`, each generated shard's tokens are
+    kept there (`<shard>.npz`, tagged with `backbone_id` and the settings), and a missing self-distilled shard
+    whose tokens are kept is rebuilt from them by one teacher-forced pass instead; a kept file that is
+    corrupted or was made from other inputs or settings is logged and generated again, never used. Corpus
+    shards (teacher-forced) come last."""
     os.makedirs(store_dir, exist_ok=True)
     done = {d for d in os.listdir(store_dir) if os.path.exists(os.path.join(store_dir, d, fs.META))}
     counts = {kind: len(rows) for kind, rows in inputs.items() if rows}
@@ -267,35 +288,79 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
                              "tokenizer or prompt set); use a new run.features_dir.")
     if continuations_dir:
         os.makedirs(continuations_dir, exist_ok=True)
-    generate = None
-    bar = tqdm(todo, desc="feature shards", unit="shard", disable=not progress)
-    for spec in bar:
-        rows = inputs[spec.kind][spec.start:spec.stop]
-        bar.set_postfix(shard=spec.name)
-        t0 = time.perf_counter()
-        digest = fs.input_digest(rows)
-        kept = os.path.join(continuations_dir, f"{spec.name}.npz") if continuations_dir else ""
-        expect = {"inputs": digest, "backbone": backbone_id, "new_tokens": dc.new_tokens}
+
+    def expect(spec):
+        return {"inputs": fs.input_digest(inputs[spec.kind][spec.start:spec.stop]), "backbone": backbone_id,
+                "new_tokens": dc.new_tokens}
+
+    def write(spec, arrays, seconds, source):
+        fs.write_shard(os.path.join(store_dir, spec.name), arrays,
+                       {"kind": spec.kind, "start": spec.start, "stop": spec.stop, "soft_topk": dc.soft_topk,
+                        "inputs": expect(spec)["inputs"], "seconds": round(seconds, 1), "source": source})
+        log.info("feature shard %s: %d targets in %.0f s (%s)", spec.name, int((arrays["labels"] >= 0).sum()),
+                 seconds, source)
+
+    kept, generate = {}, []
+    for spec in todo:
         if spec.kind == "corpus":
+            continue
+        path = os.path.join(continuations_dir, f"{spec.name}.npz") if continuations_dir else ""
+        if path and os.path.exists(path):
+            try:
+                kept[spec.name] = fs.load_continuations(path, expect(spec), inputs[spec.kind][spec.start:spec.stop])
+                continue
+            except fs.StaleContinuations as e:
+                log.warning("continuations: %s; generating shard %s again.", e, spec.name)
+        generate.append(spec)
+    bar = tqdm(total=len(todo), desc="feature shards", unit="shard", disable=not progress)
+    if generate:
+        _generate_shards(dc, inputs, generate, make_generator(), write, continuations_dir, expect, bar)
+    for spec in todo:  # teacher-forced: rebuilt from kept continuations, then corpus text
+        if spec.name not in kept and spec.kind != "corpus":
+            continue
+        t0 = time.perf_counter()
+        bar.set_postfix(shard=spec.name)
+        if spec.kind == "corpus":
+            rows = inputs[spec.kind][spec.start:spec.stop]
             arrays = fs.teacher_forced(backbone, fs.padded(rows, dc.seq_len), np.array([len(r) for r in rows], np.int32),
                                        batch_size=feature_batch_size, topk=dc.soft_topk)
             source = "teacher-forced"
-        elif kept and os.path.exists(kept):
-            arrays = fs.from_continuations(backbone, fs.load_continuations(kept, expect), dc.seq_len,
-                                           batch_size=feature_batch_size, topk=dc.soft_topk)
-            source = f"rebuilt from {kept}"
         else:
-            generate = generate or make_generator()
-            arrays = fs.self_distilled(generate, rows, dc.seq_len, batch_size=gen_batch_size, topk=dc.soft_topk)
-            if kept:
-                fs.save_continuations(kept, arrays, {**expect, "kind": spec.kind, "start": spec.start,
-                                                     "stop": spec.stop})
-            source = "generated"
-        seconds = time.perf_counter() - t0
-        fs.write_shard(os.path.join(store_dir, spec.name), arrays,
-                       {"kind": spec.kind, "start": spec.start, "stop": spec.stop, "soft_topk": dc.soft_topk,
-                        "inputs": digest, "seconds": round(seconds, 1), "source": source})
-        log.info("feature shard %s: %d targets in %.0f s (%s)", spec.name, int((arrays["labels"] >= 0).sum()),
-                 seconds, source)
+            arrays = fs.from_continuations(backbone, kept.pop(spec.name), dc.seq_len, batch_size=feature_batch_size,
+                                           topk=dc.soft_topk)
+            source = f"rebuilt from {os.path.join(continuations_dir, spec.name + '.npz')}"
+        write(spec, arrays, time.perf_counter() - t0, source)
+        bar.update(1)
+    bar.close()
     multihost.barrier(f"clp_jax feature store {store_dir}")
     return [s.name for s in plan]
+
+
+def _generate_shards(dc: DataConfig, inputs, specs, stream, write, continuations_dir: str, expect, bar) -> None:
+    """Streams the prompts of `specs` (in order) through `stream` and writes each shard when it completes."""
+    flat, owner = [], []
+    for si, spec in enumerate(specs):
+        for j in range(spec.start, spec.stop):
+            flat.append(inputs[spec.kind][j])
+            owner.append((si, j - spec.start))
+    pending = {si: [None] * (spec.stop - spec.start) for si, spec in enumerate(specs)}
+    missing = {si: spec.stop - spec.start for si, spec in enumerate(specs)}
+    t0 = time.perf_counter()
+    for row in stream(flat):
+        si, j = owner[row.index]
+        pending[si][j] = row
+        missing[si] -= 1
+        if missing[si]:
+            continue
+        spec = specs[si]
+        prompts = inputs[spec.kind][spec.start:spec.stop]
+        arrays = fs.distilled(prompts, pending.pop(si), dc.seq_len, topk=dc.soft_topk)
+        if continuations_dir:
+            fs.save_continuations(os.path.join(continuations_dir, f"{spec.name}.npz"), arrays,
+                                  {**expect(spec), "kind": spec.kind, "start": spec.start, "stop": spec.stop,
+                                   "greedy": True})
+        now = time.perf_counter()
+        write(spec, arrays, now - t0, "generated")
+        t0 = now
+        bar.set_postfix(shard=spec.name)
+        bar.update(1)

@@ -157,68 +157,120 @@ def teacher_forced(model, tokens: np.ndarray, lengths: np.ndarray, *, batch_size
     return out
 
 
-def self_distilled(generate: Callable, prompts: Sequence[Sequence[int]], seq_len: int, *, batch_size: int = 32,
-                   topk: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
-    """Greedy continuations of `prompts` with the hidden states the decoder recorded while generating
-    (`generate(prompts) -> DecodeResult` of an `ar` Decoder with record_hidden, record_topk=topk).
-    Prompts are decoded in batches of similar length (fewer padded slots); records keep prompt order."""
-    N = len(prompts)
-    D = None
-    out: dict[str, np.ndarray] = {}
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    for s in tqdm(range(0, N, batch_size), desc="self-distilling", disable=not progress):
-        idx = order[s:s + batch_size]
-        res = generate([list(prompts[i]) for i in idx])
-        if D is None:
-            D = res.hidden[0].shape[-1]
-            out = {"tokens": np.zeros((N, seq_len), np.int32), "labels": np.full((N, seq_len), -1, np.int32),
-                   "hidden": np.zeros((N, seq_len, D), ml_dtypes.bfloat16),
-                   "lengths": np.zeros((N,), np.int32), "prompt_lengths": np.zeros((N,), np.int32)}
-            if topk:
-                out.update(soft_ids=np.zeros((N, seq_len, topk), np.int32),
-                           soft_probs=np.zeros((N, seq_len, topk), np.float16))
-        for r, i in enumerate(idx):
-            seq = (list(prompts[i]) + res.tokens[r])[:seq_len]
-            L, P = len(seq), len(prompts[i])
-            out["tokens"][i, :L] = seq
-            out["lengths"][i], out["prompt_lengths"][i] = L, P
-            # the state of the last token was never computed (nothing followed it): L-1 states are real
-            out["hidden"][i, :L - 1] = res.hidden[r][:L - 1]
-            anchors = np.arange(P - 1, L - 1)  # h_p of these positions chose the generated token at p+1
-            out["labels"][i, anchors] = np.asarray(seq, np.int32)[anchors + 1]
-            if topk:
-                out["soft_ids"][i, anchors] = res.topk_ids[r][anchors]
-                out["soft_probs"][i, anchors] = res.topk_probs[r][anchors]
+def self_distilled(stream: Callable, prompts: Sequence[Sequence[int]], seq_len: int, *, topk: int = 0
+                   ) -> dict[str, np.ndarray]:
+    """Greedy continuations of `prompts` with the hidden states the decoder recorded while generating.
+    `stream(prompts)` yields `decode.batching.Finished` rows in any order (the continuous batching of an
+    `ar` Decoder with record_hidden, record_topk=topk); records keep prompt order."""
+    rows: list = [None] * len(prompts)
+    for f in stream(prompts):
+        rows[f.index] = f
+    return distilled(prompts, rows, seq_len, topk=topk)
+
+
+def distilled(prompts: Sequence[Sequence[int]], rows: Sequence, seq_len: int, *, topk: int = 0
+              ) -> dict[str, np.ndarray]:
+    """Store arrays of self-distilled records: prompt i and its finished row `rows[i]` (tokens, recorded
+    hidden [L, D] and top-K [L, K]). Only the anchors of generated tokens are targets."""
+    N, D = len(prompts), rows[0].hidden.shape[-1]
+    out = {"tokens": np.zeros((N, seq_len), np.int32), "labels": np.full((N, seq_len), -1, np.int32),
+           "hidden": np.zeros((N, seq_len, D), ml_dtypes.bfloat16),
+           "lengths": np.zeros((N,), np.int32), "prompt_lengths": np.zeros((N,), np.int32)}
+    if topk:
+        out.update(soft_ids=np.zeros((N, seq_len, topk), np.int32),
+                   soft_probs=np.zeros((N, seq_len, topk), np.float16))
+    for i, row in enumerate(rows):
+        seq = (list(prompts[i]) + row.tokens)[:seq_len]
+        L, P = len(seq), len(prompts[i])
+        out["tokens"][i, :L] = seq
+        out["lengths"][i], out["prompt_lengths"][i] = L, P
+        # the state of the last token was never computed (nothing followed it): L-1 states are real
+        out["hidden"][i, :L - 1] = row.hidden[:L - 1]
+        anchors = np.arange(P - 1, L - 1)  # h_p of these positions chose the generated token at p+1
+        out["labels"][i, anchors] = np.asarray(seq, np.int32)[anchors + 1]
+        if topk:
+            out["soft_ids"][i, anchors] = row.topk_ids[anchors]
+            out["soft_probs"][i, anchors] = row.topk_probs[anchors]
     return out
 
 
 # ---------------------------------------------------------------------- continuations
 
+CONTINUATIONS_FORMAT = 2  # 2: a content digest in the meta
+
+
+def _content_digest(tokens: np.ndarray, lengths: np.ndarray, prompt_lengths: np.ndarray) -> str:
+    return input_digest([tokens, lengths, prompt_lengths])
+
+
 def save_continuations(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Keeps what a self-distilled shard cost to generate: each record's tokens (prompt + greedy continuation),
     ragged and compressed (~50 KB per 64 records, small enough for a repository), with `meta` (inputs
-    digest, backbone). `from_continuations` rebuilds the whole shard from it with one teacher-forced pass,
-    several times faster than generating it again. Written atomically."""
+    digest, backbone, generation settings) and a digest of the content. `from_continuations` rebuilds the
+    whole shard from it with one teacher-forced pass. Written atomically."""
     lengths = np.asarray(arrays["lengths"], np.int32)
+    prompt_lengths = np.asarray(arrays["prompt_lengths"], np.int32)
     flat = np.concatenate([arrays["tokens"][i, :n] for i, n in enumerate(lengths)]).astype(np.int32)
+    meta = {**meta, "format": CONTINUATIONS_FORMAT, "records": int(len(lengths)),
+            "generated_tokens": int((lengths - prompt_lengths).sum()),
+            "content": _content_digest(flat, lengths, prompt_lengths)}
     tmp = path[:-len(".npz")] + ".partial.npz"
-    np.savez_compressed(tmp, tokens=flat, lengths=lengths, prompt_lengths=np.asarray(arrays["prompt_lengths"], np.int32),
+    np.savez_compressed(tmp, tokens=flat, lengths=lengths, prompt_lengths=prompt_lengths,
                         meta=np.asarray(json.dumps(meta, sort_keys=True)))
     os.replace(tmp, path)
 
 
-def load_continuations(path: str, expect: dict) -> dict[str, np.ndarray]:
-    """The records of a continuations file (tokens flat, lengths, prompt_lengths); refuses one written for
-    other inputs, another backbone or another continuation length (`expect`: the meta it must carry)."""
-    with np.load(path) as f:
-        out = {k: f[k] for k in ("tokens", "lengths", "prompt_lengths")}
-        meta = json.loads(str(f["meta"]))
+class StaleContinuations(ValueError):
+    """A kept continuations file that cannot be used: unreadable, corrupted, or made from other inputs."""
+
+
+def load_continuations(path: str, expect: dict, prompts: Sequence[Sequence[int]] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """The records of a continuations file (tokens flat, lengths, prompt_lengths). Raises StaleContinuations
+    (saying why) for a file that does not read, whose content does not match its digest, that was written
+    for other inputs, another backbone or other settings (`expect`: the meta it must carry), or whose
+    prompts differ from `prompts`."""
+    try:
+        with np.load(path) as f:
+            out = {k: np.asarray(f[k]) for k in ("tokens", "lengths", "prompt_lengths")}
+            meta = json.loads(str(f["meta"]))
+    except Exception as e:  # a truncated zip, a missing member, bad JSON: all mean "cannot be used"
+        raise StaleContinuations(f"{path} does not read ({type(e).__name__}: {e})") from e
     wrong = sorted(k for k, v in expect.items() if meta.get(k) != v)
     if wrong:
-        raise ValueError(f"Continuations {path} were generated with other {', '.join(wrong)} "
-                         f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}; this run has "
-                         f"{', '.join(f'{k}={expect[k]!r}' for k in wrong)}). Point run.continuations_dir at "
-                         "another directory, or remove the file to generate it again.")
+        raise StaleContinuations(f"{path} was generated with other {', '.join(wrong)} "
+                                 f"({', '.join(f'{k}={meta.get(k)!r}' for k in wrong)}; this run has "
+                                 f"{', '.join(f'{k}={expect[k]!r}' for k in wrong)})")
+    lengths, plens = out["lengths"], out["prompt_lengths"]
+    if ("content" in meta and meta["content"] != _content_digest(out["tokens"], lengths, plens)) or \
+            int(lengths.sum()) != len(out["tokens"]) or np.any(plens > lengths):
+        raise StaleContinuations(f"{path} is corrupted (its content does not match its digest)")
+    if prompts is not None:
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if len(prompts) != len(lengths) or any(
+                int(plens[i]) != len(p) or not np.array_equal(out["tokens"][starts[i]:starts[i] + len(p)], p)
+                for i, p in enumerate(prompts)):
+            raise StaleContinuations(f"{path} holds other prompts than this shard's")
+    return out
+
+
+def continuations_summary(directory: str) -> dict:
+    """Records and generated tokens per kind of the continuations files in `directory` (their meta only)."""
+    out: dict[str, dict] = {}
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if not name.endswith(".npz") or name.endswith(".partial.npz"):
+            continue
+        try:
+            with np.load(os.path.join(directory, name)) as f:
+                meta = json.loads(str(f["meta"]))
+                n = int(meta.get("generated_tokens", (f["lengths"] - f["prompt_lengths"]).sum()))
+        except Exception:  # noqa: BLE001 - a damaged file is reported, and regenerated by the data job
+            out.setdefault("unreadable", {"files": 0})["files"] += 1
+            continue
+        kind = out.setdefault(meta.get("kind", "?"), {"files": 0, "records": 0, "generated_tokens": 0})
+        kind["files"] += 1
+        kind["records"] += int(meta.get("records", 0))
+        kind["generated_tokens"] += n
     return out
 
 

