@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--compare", choices=("ar",), help="also decode with ar: speedup and exact match")
+    p.add_argument("--compare", choices=("ar",), help="also decode with ar: speedup (median of --repeats runs, "
+                   "interleaved) and exact match; without prompts, a code completion and a chat request")
+    p.add_argument("--repeats", type=int, default=3, help="--compare: runs of each decoder, order alternating")
     return p.parse_args(argv)
 
 
@@ -70,8 +72,9 @@ def run(args) -> int:
     if args.draft_budget is None:
         args.draft_budget = {"all": "fixed", "clp": "clp", None: "auto"}[args.verify_drafts]
     sampling_cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if not (args.prompt or args.prompts_file or args.chat):
-        args.prompt = ["def fibonacci(n):"]
+    default = not (args.prompt or args.prompts_file or args.chat)
+    if default:  # one code completion, and with --compare a chat request too (each its own way)
+        args.prompt = list(prompts_lib.DEFAULT_PROMPTS[:2 if args.compare else 1])
     raw = list(args.prompt or []) + (prompts_lib.read_prompts_file(args.prompts_file) if args.prompts_file else [])
     loading.check_source(args.model)
     heads_source = options.heads_source(args.heads, args.model, args.mode, args.k)
@@ -90,13 +93,13 @@ def run(args) -> int:
     if args.chat:
         return report.chat_loop(decoder, tok, seed=args.seed)
 
-    encoded = [prompts_lib.encode(tok, p, args.chat_template) for p in raw]
+    encoded = [prompts_lib.encode(tok, p, args.chat_template or (default and i == 1)) for i, p in enumerate(raw)]
     decoder.check_prompts(encoded)
     batches = [encoded[i:i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
 
     if args.compare:
         ar = Decoder(backbone.model, None, dc.replace(mode="ar"), backbone.eos_token_ids)
-        return report.compare(decoder, ar, batches, tok, seed=args.seed)
+        return report.compare(decoder, ar, batches, tok, seed=args.seed, repeats=args.repeats)
     stream = len(encoded) == 1
     results = []
     for batch in batches:

@@ -116,3 +116,11 @@ def test_sharegpt_reads_a_truncated_file_and_keeps_distinct_opening_requests(tmp
     path = tmp_path / "sharegpt.json"
     path.write_text(text, encoding="utf-8")
     assert sharegpt.requests(str(path)) == ["How do tides work, in short?", "Why is the sky blue?"]
+
+
+def test_decode_py_default_prompts_are_neither_bench_nor_training_prompts():
+    from clp_jax.decode.prompts import DEFAULT_PROMPTS
+
+    bench = prompts.BenchOverlap.of_bench()
+    training = prompts.BenchOverlap(prompts.chat_requests(0))
+    assert not any(bench(p) or training(p) for p in DEFAULT_PROMPTS)

@@ -297,3 +297,28 @@ def test_errors_before_compilation(model):
     with pytest.raises(ValueError, match="exceeds the cache"):
         dec.start([list(range(55))])
     assert dec.num_compiles == 0
+
+
+def test_compare_prints_the_median_of_interleaved_runs_and_says_why_when_slower(model, prompts):
+    """decode.py --compare: every run's output is checked against ar, the speedup is the median of the
+    interleaved runs with its spread, and a mode slower than ar gets a one-line reason."""
+    import io
+
+    from clp_jax.decode import report
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return " ".join(map(str, ids))
+
+    dc = DecodeConfig(mode="verify", k=2, max_new_tokens=8, draft_budget="fixed")
+    dec = Decoder(model, zero_heads(model.cfg, 2), dc, costs=CPU_COSTS)
+    ar = Decoder(model, None, dc.replace(mode="ar"))
+    out = io.StringIO()
+    assert report.compare(dec, ar, [prompts[:2]], Tok(), repeats=3, out=out) == 0
+    text = out.getvalue()
+    assert "median of 3 interleaved runs" in text and "spread" in text
+    assert "exact match 1.00 (2/2 prompts identical to ar in every run)" in text
+    res = [dec.generate(prompts[:2])]
+    line = report.why_slower("verify", res, CPU_COSTS)
+    assert line.startswith("why slower: verify committed") and "first draft right 0.00" in line
+    assert "one-slot passes per token" in line

@@ -64,6 +64,7 @@ def check_decode_args(args) -> None:
     check_range("--tau", getattr(args, "tau", None), low=0, high=1, hint="It is a probability (default 0.9).")
     check_range("--clp-confidence", getattr(args, "clp_confidence", None), low=0, low_open=True, high=1)
     check_range("--batch-size", getattr(args, "batch_size", None), low=1)
+    check_range("--repeats", getattr(args, "repeats", None), low=1)
     check_range("--limit", getattr(args, "limit", None), low=1, hint="Omit --limit to run every prompt.")
     top_p, top_k = getattr(args, "top_p", 1.0), getattr(args, "top_k", 0)
     if getattr(args, "temperature", None) == 0 and (top_p < 1.0 or top_k > 0):  # greedy ignores the filters

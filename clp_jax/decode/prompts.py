@@ -59,6 +59,13 @@ def encode(tokenizer, prompt, chat: bool) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+# decode.py's prompts when none is given: a code completion (raw), and with --compare also a chat request (through
+# the chat template). Neither is a bench prompt nor a training prompt (tests/test_data.py checks the overlap).
+DEFAULT_PROMPTS = (
+    'def merge_intervals(intervals):\n    """Merge overlapping [start, end] intervals; return them sorted."""\n',
+    "Write a Python function that checks whether a string is a valid IPv4 address, and explain it briefly.",
+)
+
 # The benchmark's chat/prose set: everyday requests, sent through the chat template.
 CHAT_PROMPTS = (
     "Explain in a short paragraph why the sky is blue.",

@@ -72,36 +72,75 @@ def stats_line(mode: str, results: Sequence[DecodeResult], decoder: Decoder) -> 
     return line
 
 
-def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0) -> int:
-    """Decodes every batch with the mode and with ar; prints speedup and exact match."""
-    mine, ref = [], []
-    for batch in batches:
-        mine.append(decoder.generate(batch, seed=seed))
-        ref.append(ar.generate(batch, seed=seed))
-    for batch, r in zip(batches, mine):
-        for p, t in zip(batch, r.tokens):
-            print(f"--- prompt: {tok.decode(p)!r}\n{tok.decode(t)}")
-    same = [a == b for r, q in zip(mine, ref) for a, b in zip(r.tokens, q.tokens)]
+def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats: int = 3, out=sys.stdout) -> int:
+    """Decodes every batch with the mode and with ar, `repeats` times with the order alternating (so a slow
+    second on a shared machine lands on both), and prints the median speedup with its spread, and exact match.
+    A median below 1 comes with the reason in one line (acceptance, tokens per pass, pass costs)."""
+    rounds = []  # per repeat: (mode results, ar results)
+    for r in range(repeats):
+        mine, ref = [], []
+        for batch in batches:
+            first, second = (decoder, ar) if r % 2 == 0 else (ar, decoder)
+            a = first.generate(batch, seed=seed)
+            b = second.generate(batch, seed=seed)
+            mine.append(a if first is decoder else b)
+            ref.append(b if first is decoder else a)
+        rounds.append((mine, ref))
+    mine, ref = rounds[0]
+    for batch, res in zip(batches, mine):
+        for p, t in zip(batch, res.tokens):
+            print(f"--- prompt: {tok.decode(p)!r}\n{tok.decode(t)}", file=out)
+    same = [a == b for m, q in rounds for r, s in zip(m, q) for a, b in zip(r.tokens, s.tokens)]
+    same_prompts = [all(x) for x in zip(*[[a == b for r, s in zip(m, q) for a, b in zip(r.tokens, s.tokens)]
+                                          for m, q in rounds])]
 
     def rate(results, prefill: bool) -> float:  # tokens per second: lossy modes may stop at other lengths
         seconds = sum(r.decode_seconds + (r.prefill_seconds if prefill else 0.0) for r in results)
         return sum(r.num_tokens for r in results) / max(seconds, 1e-9)
 
-    print(stats_line(decoder.dc.mode, mine, decoder))
-    print(stats_line("ar", ref, ar))
+    decode_x = [rate(m, False) / rate(q, False) for m, q in rounds]
+    e2e_x = [rate(m, True) / rate(q, True) for m, q in rounds]
+    every_mine = [r for m, _ in rounds for r in m]
+    every_ref = [r for _, q in rounds for r in q]
+    print(stats_line(decoder.dc.mode, every_mine, decoder), file=out)
+    print(stats_line("ar", every_ref, ar), file=out)
+    costs = None
     if decoder.dc.mode == "verify":
         bucket = _bucket(len(batches[0]), 1)
         costs = decoder.costs(bucket)
-        print(costs.format().replace("\n", " | "))
+        print(costs.format().replace("\n", " | "), file=out)
         # ar's loop passes are one-slot passes timed now: a table timed under another load is re-timed next run
-        steps = sum(max(int(r.passes.max()) - 1, 1) for r in ref)  # batched passes (the prefill excluded)
-        note = pass_costs.check_against(decoder.model, bucket, costs, 1e3 * sum(r.decode_seconds for r in ref) / steps)
+        steps = sum(max(int(r.passes.max()) - 1, 1) for r in every_ref)  # batched passes (the prefill excluded)
+        note = pass_costs.check_against(decoder.model, bucket, costs,
+                                        1e3 * sum(r.decode_seconds for r in every_ref) / steps)
         if note:
-            print(note)
-    print(f"speedup over ar (tokens/s ratio): {rate(mine, False) / rate(ref, False):.2f}x decode, "
-          f"{rate(mine, True) / rate(ref, True):.2f}x end to end")
-    print(f"exact match {np.mean(same):.2f} ({sum(same)}/{len(same)} prompts identical to ar)")
+            print(note, file=out)
+    med, med_e2e = float(np.median(decode_x)), float(np.median(e2e_x))
+    print(f"speedup over ar (tokens/s ratio, median of {repeats} interleaved runs): {med:.2f}x decode "
+          f"(spread {min(decode_x):.2f}-{max(decode_x):.2f}), {med_e2e:.2f}x end to end "
+          f"(spread {min(e2e_x):.2f}-{max(e2e_x):.2f})", file=out)
+    print(f"exact match {np.mean(same_prompts):.2f} ({sum(same_prompts)}/{len(same_prompts)} prompts identical to "
+          f"ar in every run)", file=out)
+    if med < 1.0:
+        print(why_slower(decoder.dc.mode, every_mine, costs), file=out)
     return 0
+
+
+def why_slower(mode: str, results: Sequence[DecodeResult], costs) -> str:
+    """One line on why a mode did not beat ar: what it committed per pass against what its passes cost."""
+    tokens = sum(r.num_tokens for r in results)
+    passes = sum(int(r.passes.sum()) for r in results)
+    offered = sum(r.offered.sum(0) for r in results)
+    accepted = sum(r.accepted.sum(0) for r in results)
+    first = float(accepted[0]) / max(int(offered[0]), 1) if len(offered) else 0.0
+    line = (f"why slower: {mode} committed {tokens / max(passes, 1):.2f} tokens per pass (first draft right "
+            f"{first:.2f} of the time)")
+    if costs is not None:
+        p = policy(results)
+        line += (f", at {p['cost_per_token']:.2f} one-slot passes per token from this machine's pass costs "
+                 f"(2-{len(costs.width)} slots cost {min(costs.width[1:]):.2f}-{max(costs.width[1:]):.2f}x one); "
+                 "drafts pay only where they are right more often than a wider pass costs extra")
+    return line + "."
 
 
 def chat_loop(decoder: Decoder, tok, seed: int = 0, stdin=None) -> int:
