@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from clp_jax.decode import sampling
 from clp_jax.decode.state import DecodeConfig, DecodeState
 from clp_jax.drafting.heads import clp_length
-from clp_jax.model.numerics import prefix_len
+from clp_jax.model.numerics import prefix_len, top_k_probs
 from clp_jax.model.qwen2 import Qwen2
 
 
@@ -151,7 +151,7 @@ class Ar(Mode):
             out["rec_hidden"] = st.rec_hidden.at[rows[:, None], pos].set(
                 step.hidden.astype(st.rec_hidden.dtype), mode="drop")
         if self.dc.record_topk:
-            probs, ids = jax.lax.top_k(jax.nn.softmax(c.t1_logits.astype(jnp.float32), -1), self.dc.record_topk)
+            probs, ids = top_k_probs(c.t1_logits, self.dc.record_topk)
             at = step.positions[rows, step.last]  # [B]
             out["rec_topk_ids"] = st.rec_topk_ids.at[rows, at].set(ids.astype(jnp.int32), mode="drop")
             out["rec_topk_probs"] = st.rec_topk_probs.at[rows, at].set(probs, mode="drop")

@@ -18,3 +18,11 @@ def acceptance_ratio(accepted, offered) -> np.ndarray:
     """accepted / offered element-wise (host arrays), 0 where nothing was offered: per-head acceptance."""
     accepted, offered = np.asarray(accepted), np.asarray(offered)
     return np.where(offered > 0, accepted / np.maximum(offered, 1), 0.0)
+
+
+def top_k_probs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The `k` most likely tokens of softmax(logits) and their probabilities ([..., V] -> [..., k] each):
+    the logits' top-k normalised by the log-partition (no [..., V] probability array is formed)."""
+    logits = logits.astype(jnp.float32)
+    top, ids = jax.lax.top_k(logits, k)
+    return jnp.exp(top - jax.nn.logsumexp(logits, -1, keepdims=True)), ids.astype(jnp.int32)

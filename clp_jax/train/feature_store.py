@@ -22,6 +22,7 @@ shard in progress and resumes at the first missing one; on a pod each process wr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -35,6 +36,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from clp_jax.model.numerics import top_k_probs
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +121,23 @@ def padded(rows: Sequence[Sequence[int]], seq_len: int) -> np.ndarray:
 def teacher_forced(model, tokens: np.ndarray, lengths: np.ndarray, *, batch_size: int = 8, topk: int = 0,
                    progress: bool = False) -> dict[str, np.ndarray]:
     """One trunk pass per record: hidden states, greedy labels (and the top-`topk` distribution) at every
-    real position. tokens [N, T] left-aligned, lengths [N]."""
+    real position. tokens [N, T] left-aligned, lengths [N]. Records are passed in batches of similar length,
+    each at its longest record rounded up to a multiple of 64 (a store of short chat records costs what its
+    tokens cost, not T per record); one program per such length."""
     N, T = tokens.shape
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def run(state, toks, lens):
+    @functools.partial(jax.jit, static_argnums=(3,))
+    def run(state, toks, lens, width):
         m = nnx.merge(graphdef, state)
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), toks.shape)
+        toks = toks[:, :width]
+        pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), toks.shape)
         valid = pos < lens[:, None]
-        h, _ = m(toks, pos, None, kv_valid=valid)  # [B, T, D]
-        logits = m.logits(h).astype(jnp.float32)  # [B, T, V]
+        h, _ = m(toks, pos, None, kv_valid=valid)  # [B, W, D]
+        logits = m.logits(h).astype(jnp.float32)  # [B, W, V]
         y = jnp.where(valid, jnp.argmax(logits, -1).astype(jnp.int32), -1)
         if topk:
-            probs, ids = jax.lax.top_k(jax.nn.softmax(logits, -1), topk)
+            probs, ids = top_k_probs(logits, topk)
         else:
             probs, ids = jnp.zeros((*toks.shape, 0)), jnp.zeros((*toks.shape, 0), jnp.int32)
         return h.astype(jnp.bfloat16), y, ids, probs.astype(jnp.float16)
@@ -140,16 +146,18 @@ def teacher_forced(model, tokens: np.ndarray, lengths: np.ndarray, *, batch_size
            "labels": np.full((N, T), -1, np.int32)}
     if topk:
         out.update(soft_ids=np.zeros((N, T, topk), np.int32), soft_probs=np.zeros((N, T, topk), np.float16))
+    order = np.argsort(lengths, kind="stable")
     for s in tqdm(range(0, N, batch_size), desc="teacher-forced features", disable=not progress):
-        e = min(s + batch_size, N)
-        toks, lens = tokens[s:e], lengths[s:e]
-        if e - s < batch_size:  # one compiled shape: pad the last batch
-            toks = np.concatenate([toks, np.repeat(toks[-1:], batch_size - (e - s), 0)])
-            lens = np.concatenate([lens, np.repeat(lens[-1:], batch_size - (e - s), 0)])
-        h, y, ids, probs = jax.device_get(run(state, jnp.asarray(toks), jnp.asarray(lens)))
-        out["hidden"][s:e], out["labels"][s:e] = h[:e - s], y[:e - s]
+        idx = order[s:s + batch_size]
+        if len(idx) < batch_size:  # one compiled batch size: pad the last batch
+            idx = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
+        width = min(T, -(-max(int(lengths[idx].max()), 1) // 64) * 64)
+        h, y, ids, probs = jax.device_get(run(state, jnp.asarray(tokens[idx]), jnp.asarray(lengths[idx]), width))
+        real = idx[:min(batch_size, N - s)]
+        n = len(real)
+        out["hidden"][real, :width], out["labels"][real, :width] = h[:n], y[:n]
         if topk:
-            out["soft_ids"][s:e], out["soft_probs"][s:e] = ids[:e - s], probs[:e - s]
+            out["soft_ids"][real, :width], out["soft_probs"][real, :width] = ids[:n], probs[:n]
     # the last real position predicts a token outside the record: no target
     out["labels"][np.arange(N), np.maximum(lengths - 1, 0)] = -1
     out.update(tokens=tokens.astype(np.int32), lengths=lengths.astype(np.int32),

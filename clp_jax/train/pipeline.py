@@ -74,6 +74,20 @@ def splits(store: fs.FeatureStore, cfg: Config, out_dir: str) -> dict[str, np.nd
     return out
 
 
+def training_subset(store: fs.FeatureStore, records: np.ndarray, targets: int, kinds=(), seed: int = 0
+                    ) -> np.ndarray:
+    """The records (sorted) of a seeded random order of `records`, restricted to `kinds`, whose running target
+    count first reaches `targets` (0: all). The order does not depend on `targets`, so subsets nest."""
+    if kinds:
+        records = records[np.isin(store.kinds[records], [KINDS.index(k) for k in kinds])]
+    if not targets:
+        return records
+    order = records[np.random.RandomState(seed + 7919).permutation(len(records))]
+    counts = (store.labels[order] >= 0).sum(1)
+    n = int(np.searchsorted(np.cumsum(counts), targets)) + 1
+    return np.sort(order[:n])
+
+
 def draft_vocabulary(store: fs.FeatureStore, records: np.ndarray, size: int, vocab_size: int, eos, path: str):
     """The drafters' vocabulary, fixed at the run's first start (kept in `path`)."""
     if os.path.exists(path):
@@ -177,6 +191,10 @@ def run(cfg: Config, progress: bool = True) -> dict:
         return {"features": {k: store.positions(v) for k, v in parts.items()}, "seconds": timings}
 
     # 2. drafter
+    if rc.train_targets or rc.train_kinds:
+        parts["train"] = training_subset(store, parts["train"], rc.train_targets, rc.train_kinds, rc.seed)
+        log.info("training subset: %d records, %d targets (run.train_targets %d, kinds %s)", len(parts["train"]),
+                 store.positions(parts["train"]), rc.train_targets, list(rc.train_kinds) or "all")
     hc = cfg.heads_config(backbone.cfg)
     vocab = draft_vocabulary(store, parts["train"], rc.vocab_size, backbone.cfg.vocab_size, backbone.eos_token_ids,
                              os.path.join(out_dir, "draft_vocab.npy"))

@@ -87,18 +87,28 @@ class RunConfig:
     init_from: str = ""  # a heads checkpoint to warm-start the drafter (and CLP) from
     stop_after: str = ""  # "features" or "drafter": end the run after that phase
     checkpoint_dir: str = ""  # Orbax training checkpoints, e.g. gs://bucket/run (default: out_dir)
+    # the drafter trains on a seeded random subset of the 'train' records holding about this many targets
+    # (0: all), nested (a smaller subset lies inside a larger one): a data-size curve from one store
+    train_targets: int = 0
+    train_kinds: tuple[str, ...] = ()  # train only on records of these kinds (prompts.KINDS; empty: all)
 
     def __post_init__(self):
         bounds = dict(steps=(1, 10_000_000), batch_size=(1, 65536), window=(8, 8192), vocab_size=(0, 1_000_000),
                       clp_steps=(0, 10_000_000), clp_batch_size=(1, 65536), seed=(0, 2 ** 31 - 1),
                       save_every=(1, 10_000_000), keep=(1, 1000), gen_batch_size=(1, 4096),
                       feature_batch_size=(1, 4096), eval_batch_size=(1, 65536), eval_records=(1, 10_000_000),
-                      eval_every=(0, 10_000_000), patience=(0, 1000), validation_records=(1, 10_000_000))
+                      eval_every=(0, 10_000_000), patience=(0, 1000), validation_records=(1, 10_000_000),
+                      train_targets=(0, 10_000_000_000))
         for name, (lo, hi) in bounds.items():
             if not lo <= getattr(self, name) <= hi:
                 raise ConfigError(f"run.{name} must be in {lo}..{hi}, got {getattr(self, name)}.")
         if self.patience and not self.eval_every:
             raise ConfigError("run.patience needs run.eval_every > 0 (how often the held-out score is taken).")
+        from clp_jax.train.prompts import KINDS
+
+        unknown = [k for k in self.train_kinds if k not in KINDS]
+        if unknown:
+            raise ConfigError(f"run.train_kinds: unknown {unknown}; choose from {list(KINDS)}.")
         if not self.out_dir:
             raise ConfigError("run.out_dir is empty: name a directory for the run's outputs.")
         if self.time_budget_minutes < 0:
