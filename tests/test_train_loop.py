@@ -213,3 +213,15 @@ def test_shipped_configs_parse(name):
             assert got == (tuple(value) if isinstance(value, list) else value), (section, key)
     assert cfg.heads["kind"] == "draft_layer"
     assert cfg.run.batch_size % (cfg.mesh.data if cfg.mesh else 1) == 0
+
+
+def test_training_subsets_nest_reach_their_target_count_and_keep_their_kinds(store):
+    from clp_jax.train.pipeline import training_subset
+    from clp_jax.train.prompts import KINDS
+
+    records = np.arange(len(store))
+    small, big = (training_subset(store, records, n, seed=1) for n in (40, 120))
+    assert set(small) <= set(big) and store.positions(small) >= 40 and store.positions(big) >= 120
+    only = training_subset(store, records, 0, kinds=("corpus",))
+    assert len(only) and np.all(store.kinds[only] == KINDS.index("corpus"))
+    assert len(training_subset(store, records, 0)) == len(records)
