@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clp_jax.decode import loop as decoding
-from clp_jax.decode import options
+from clp_jax.cli import options
+from clp_jax.cli import report
 from clp_jax.decode import prompts as prompts_lib
-from clp_jax.decode import report
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.decode.sampling import SamplingConfig
+from clp_jax.decode.state import DRAFT_BUDGETS, DRAFT_SOURCES, MODES
 from clp_jax.weights import loading
 
 
@@ -20,7 +20,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", default=None,
                    help="heads checkpoint directory, or 'zero' for untrained zero-initialised heads "
                         "(default: the shipped heads of the demo backbone, where they exist)")
-    p.add_argument("--mode", default="verify", choices=decoding.MODES)
+    p.add_argument("--mode", default="verify", choices=MODES)
     p.add_argument("--k", type=int, default=None, help="heads to use (default: all the heads provide, "
                    "less any whose slot would pad a pass to a costlier width: 3 of 4 on CPU)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -36,11 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.9, help="confadapt confidence threshold")
     p.add_argument("--clp-confidence", type=float, default=None,
                    help="clp: accept the most heads l with P(L* >= l) >= this under the CLP (default: argmax)")
-    p.add_argument("--draft-budget", choices=decoding.DRAFT_BUDGETS, default=None,
+    p.add_argument("--draft-budget", choices=DRAFT_BUDGETS, default=None,
                    help="verify: drafts fed per pass. auto (default): only while they pay for their measured "
                         "cost (a pass-cost table measured once per machine); fixed: all k; clp: the CLP's number")
     p.add_argument("--verify-drafts", choices=("all", "clp"), default=None, help=argparse.SUPPRESS)  # old name
-    p.add_argument("--draft-source", choices=decoding.DRAFT_SOURCES, default="both",
+    p.add_argument("--draft-source", choices=DRAFT_SOURCES, default="both",
                    help="verify: drafts from the heads, from the context (prompt lookup), or both (default: the "
                         "retrieved continuation where the text's last tokens occurred before, else the heads')")
     p.add_argument("--adaptive-width", action=argparse.BooleanOptionalAction, default=None,

@@ -9,7 +9,7 @@ import json
 import sys
 
 
-from clp_jax.decode import options
+from clp_jax.cli import options
 from clp_jax.train import multihost, pipeline
 from clp_jax.train.run_config import load_config
 from clp_jax.weights import loading

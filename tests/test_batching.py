@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from clp_jax.decode import batching
-from clp_jax.decode.loop import DecodeConfig, Decoder, prompt_bucket
+from clp_jax.decode.decoder import DecodeConfig, Decoder, prompt_bucket
 
 NEW = 12
 

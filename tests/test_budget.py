@@ -11,7 +11,7 @@ from flax import nnx
 
 from clp_jax.decode import budget, pass_costs
 from clp_jax.decode.budget import Budget, Stats
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.drafting.heads import Drafts, Heads, HeadsConfig
 
 from helpers import CPU_COSTS, OracleHeads, reference_table

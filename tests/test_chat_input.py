@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import types
 
-from clp_jax.decode import report
+from clp_jax.cli import report
 
 
 class _Pipe(io.StringIO):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.decode.options import UsageError, heads_source
+from clp_jax.cli.options import UsageError, heads_source
 from clp_jax.drafting.checkpoint import CheckpointError, export_heads, load_heads, save_heads
 
 from helpers import random_heads, tiny_config

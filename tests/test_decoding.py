@@ -5,7 +5,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.decode.decoder import Decoder, DecodeConfig
 from clp_jax.model.kv_cache import init_cache
 from clp_jax.decode.sampling import SamplingConfig
 
@@ -304,7 +304,7 @@ def test_compare_prints_the_median_of_interleaved_runs_and_says_why_when_slower(
     interleaved runs with its spread, and a mode slower than ar gets a one-line reason."""
     import io
 
-    from clp_jax.decode import report
+    from clp_jax.cli import report
 
     class Tok:
         def decode(self, ids, **kw):

@@ -10,7 +10,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.decode.decoder import Decoder, DecodeConfig
 from clp_jax.weights.loading import load_backbone
 
 pytestmark = pytest.mark.demo

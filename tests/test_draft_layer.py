@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.decode.sampling import SamplingConfig
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.model.kv_cache import LayerCache

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clp_jax.decode import batching
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.train import data, feature_store as fs
 
 

@@ -74,7 +74,7 @@ def test_default_k_skips_heads_that_pad_the_pass():
     """decode.py's default k: all heads, less any whose slot would pad a CPU cols pass to 8."""
     from flax import nnx
 
-    from clp_jax.decode import options
+    from clp_jax.cli import options
     from clp_jax.drafting.heads import Heads, HeadsConfig
 
     cfg = tiny_config()

@@ -7,8 +7,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from clp_jax.decode import loop
-from clp_jax.decode.loop import Decoder, DecodeConfig
+from clp_jax.decode import decoder
+from clp_jax.decode.decoder import Decoder, DecodeConfig
 from clp_jax.decode.modes import make_mode
 from clp_jax.decode.pass_costs import PassCosts
 from clp_jax.decode.sampling import SamplingConfig, probs
@@ -128,7 +128,7 @@ def test_verify_sampling_with_the_draft_layer_and_the_budget(setting, monkeypatc
     looked, out_lk = _samples(model, heads, "verify", sc, rep, budget="auto", source="lookup")
     assert out_lk.source[:, 1].sum() > N // 4 and 0.1 < out_lk.head_acceptance[0] < 0.9
     tv_both = _tv(looked, exact_rep)
-    monkeypatch.setattr(loop, "make_mode", lambda dc, costs=None: (
+    monkeypatch.setattr(decoder, "make_mode", lambda dc, costs=None: (
         _PeekingVerify(dc, costs) if dc.mode == "verify" else make_mode(dc, costs)))
     tv_peek = _tv(_samples(model, heads, "verify", sc, prompt, budget="auto")[0], exact)
     print(f"TV to the exact law: ar {tv_ar:.3f}, verify (draft layer, budget) {tv_verify:.3f}, with context "

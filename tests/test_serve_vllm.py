@@ -70,7 +70,7 @@ def served(tmp_path_factory):
     _vllm_venv_or_skip()
     import numpy as np
 
-    from clp_jax.decode.loop import DecodeConfig, Decoder
+    from clp_jax.decode.decoder import DecodeConfig, Decoder
     from clp_jax.weights import loading, mimo
     from test_export_vllm import tiny_tokenizer
 
@@ -90,7 +90,7 @@ def test_vllm_serves_the_export_like_ar_and_verify(served, k):
     acceptance of clp_jax's verify at the same k (vLLM reuses the one layer at every position, as clp_jax does)."""
     import numpy as np
 
-    from clp_jax.decode.loop import DecodeConfig, Decoder
+    from clp_jax.decode.decoder import DecodeConfig, Decoder
 
     model, heads, out, prompts, ar_tokens = served
     # all k drafts of the draft layer every pass, as vLLM (no budget, no drafts from the context)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from clp_jax.decode import batching
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.drafting.checkpoint import CheckpointError, load_heads, save_heads
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.train import data, feature_store as fs

@@ -26,8 +26,8 @@ from flax import nnx
 
 from clp_jax.bench.roofline import read_bandwidth, roofline
 from clp_jax.decode import pass_costs
-from clp_jax.decode.loop import DecodeConfig, Decoder
-from clp_jax.decode.verify import GAP
+from clp_jax.decode.budget import PROBE_EVERY
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.drafting.heads import Heads, HeadsConfig
 from clp_jax.model.config import known_geometry
 from clp_jax.model.kv_cache import init_cache
@@ -137,7 +137,7 @@ def draft_cost(model: Qwen2, heads, k: int, repeats: int) -> float:
 
 def real_table(args) -> None:
     """The pass-cost table decode.py and the bench read for a real backbone and its heads."""
-    from clp_jax.decode import options
+    from clp_jax.cli import options
     from clp_jax.weights import loading
 
     backbone = loading.load_backbone(args.model, dtype=args.dtype)
@@ -191,7 +191,7 @@ def main():
           f"batch {args.batch}, k {args.k}; medians of interleaved repeats (rows/cols alternate)")
     default = qwen2_layout(base)
     W = args.k + 1
-    table = pass_costs.load_or_measure(models[default], heads, max_width=W, draft_widths=(1, W, GAP + W),
+    table = pass_costs.load_or_measure(models[default], heads, max_width=W, draft_widths=(1, W, PROBE_EVERY + W),
                                        batch=args.batch, remeasure=args.remeasure)
     print(f"\npass-cost table ({default} layout, {args.heads_kind} drafter; "
           f"{pass_costs.table_path(pass_costs.table_key(models[default], args.batch))}):\n{table.format()}")

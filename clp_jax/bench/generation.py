@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from clp_jax.decode import batching
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.decode.prompts import encode
 from clp_jax.train import prompts as prompts_lib
 from clp_jax.weights import loading

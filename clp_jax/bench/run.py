@@ -31,10 +31,11 @@ from clp_jax.bench import quality, roofline
 from clp_jax.bench import report as bench_report
 from clp_jax.bench.peers import PEERS, TransformersPeer
 from clp_jax.bench.vllm_peer import VLLM_PEERS, check_vllm, vllm_runs
-from clp_jax.decode import options, pass_costs
-from clp_jax.decode.loop import (DRAFT_BUDGETS, DRAFT_SOURCES, MIN_PROMPT_BUCKET, DecodeConfig, DecodeResult, Decoder,
-                                 _bucket)
-from clp_jax.decode.report import policy
+from clp_jax.cli import options
+from clp_jax.cli.report import policy
+from clp_jax.decode import pass_costs
+from clp_jax.decode.decoder import (DRAFT_BUDGETS, DRAFT_SOURCES, MIN_PROMPT_BUCKET, DecodeConfig, DecodeResult,
+                                    Decoder, _bucket)
 from clp_jax.decode.prompts import CHAT_PROMPTS, encode
 from clp_jax.drafting.heads import param_summary
 from clp_jax.model.numerics import acceptance_ratio

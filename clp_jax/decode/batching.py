@@ -1,4 +1,6 @@
-"""Continuous batching: a fixed batch of rows kept full by prefilling the next prompts into finished rows.
+"""Room: continuous batching on the host; drives Decoder.start/refill/advance, touches no state inside.
+
+A fixed batch of rows kept full by prefilling the next prompts into finished rows.
 
 `Decoder.generate` decodes one batch until its slowest row ends, so the rows that stop early (EOS) sit idle:
 on 32 chat prompts with 192 new tokens a quarter of the row-steps produced nothing. `stream` instead runs
@@ -17,7 +19,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from clp_jax.decode.loop import Decoder, _bucket
+from clp_jax.decode.decoder import Decoder, _bucket
 
 
 @dataclasses.dataclass

@@ -1,4 +1,6 @@
-"""`verify`'s draft budget: how many drafts to compute and to feed, from confidences and measured costs.
+"""Room: `verify`'s draft budget; pure arithmetic on confidences, costs and its own per-row Stats.
+
+How many drafts to compute and to feed, from confidences and measured costs.
 
 A row's next pass feeds m drafts after its bonus token (m+1 slots). With a_i the chance that drafts 1..i
 are all accepted, it commits 1 + sum_{i<=m} a_i tokens in expectation and costs P(m+1) + D (the pass at

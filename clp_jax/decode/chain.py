@@ -1,4 +1,6 @@
-"""The drafter's chain, step by step, so that a budget can stop it early inside a jitted loop.
+"""Room: the drafter's chain under a stopping rule; calls the drafter, returns its cache, writes nothing.
+
+The drafter's chain, step by step, so that a budget can stop it early inside a jitted loop.
 
 The draft layer drafts autoregressively: step 1 runs over the fed chunk (writing its cache for the
 committed positions) and each further step over the draft just made. `run_chain` runs that chain

@@ -1,5 +1,7 @@
-"""Drafts from the context (prompt lookup): the tokens that followed the latest earlier occurrence of the
-text's last n tokens, in the prompt or the committed output.
+"""Room: drafts from the context (prompt lookup); reads a token buffer, writes nothing.
+
+The tokens that followed the latest earlier occurrence of the text's last n tokens, in the prompt or the
+committed output.
 
 `propose` looks for the longest suffix (MAX_NGRAM down to MIN_NGRAM tokens) of each row's committed text
 that occurred before, takes its latest occurrence, and proposes the k tokens that followed it (fewer when

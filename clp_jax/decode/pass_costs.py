@@ -1,4 +1,6 @@
-"""What a decoding pass costs on this machine: a table measured once per machine and backbone, cached on disk.
+"""Room: the pass-cost table; times the backbone and drafter, writes only its on-disk cache.
+
+What a decoding pass costs on this machine: a table measured once per machine and backbone, cached on disk.
 
 `PassCosts.width[w-1]` is the cost of one backbone pass feeding w slots per row, relative to a one-slot pass
 (so `width[0] == 1.0`); `draft_first[w-1]` the drafter's first step over a w-slot chunk (the draft layer writes

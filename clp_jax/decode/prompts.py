@@ -1,4 +1,7 @@
-"""Prompts from the command line or jsonl files, encoded raw or through the chat template."""
+"""Room: prompts as text and token ids (jsonl files, the chat template); no decoding.
+
+Prompts from the command line or jsonl files, encoded raw or through the chat template (decode.py and train/
+both read them)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token choice: greedy, or sampling with temperature, top-k and top-p (nucleus) filtering."""
+"""Room: token choice, pure functions of logits; greedy, or sampling with temperature, top-k and top-p."""
 
 from __future__ import annotations
 

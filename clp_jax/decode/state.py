@@ -1,4 +1,4 @@
-"""What the decoder is asked for and what it carries: `DecodeConfig` and the loop state `DecodeState`."""
+"""Room: the decoder's data, `DecodeConfig` and the loop state `DecodeState`; definitions only, no logic."""
 
 from __future__ import annotations
 

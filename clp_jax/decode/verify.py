@@ -1,4 +1,4 @@
-"""`verify`: lossless speculative decoding, all of it in one place.
+"""Room: `verify` (lossless speculative decoding), all of it; writes only its VerifyState and its Commit/Next.
 
 Each pass feeds a row's bonus token (the backbone's own last token) followed by the drafts pending for it.
 The backbone's token at every fed slot checks them: the longest matching prefix is committed plus the
@@ -7,8 +7,9 @@ backbone's next token (speculative sampling when temperature > 0, so the output 
 how many of the drafts the next pass feeds; the decoder runs that pass at the widest row's need.
 
 A row that stops drafting leaves its committed positions out of the draft layer's cache; their trunk states
-wait in a small buffer (`gap_*`, GAP slots) and the next drafting step runs over them first (the catch-up),
-so a row decoding at `ar` cost pays one draft step every GAP tokens instead of one per token.
+wait in a small buffer (`gap_*`, PROBE_EVERY slots: one probe period of the budget) and the next drafting
+step runs over them first (the catch-up), so a row decoding at `ar` cost pays one draft step every
+PROBE_EVERY tokens instead of one per token.
 
 Drafts can also come from the context (`draft_source`, decode/lookup.py): "lookup" feeds only the
 continuation of the text's latest earlier n-gram; "both" takes it where the match is at least
@@ -28,12 +29,11 @@ from clp_jax.decode import sampling
 from clp_jax.decode.budget import DEFAULT_TEMPERATURE, PROBE_EVERY, Budget, Stats
 from clp_jax.decode.chain import Chain, has_chain, run_chain
 from clp_jax.decode.lookup import propose
-from clp_jax.decode.modes import Commit, Ctx, Mode, Next, take_rows
 from clp_jax.decode.pass_costs import FLAT
+from clp_jax.decode.protocol import Commit, Ctx, Mode, Next, take_rows
 from clp_jax.model.numerics import prefix_len
 from clp_jax.model.qwen2 import PAD_SENTINEL
 
-GAP = PROBE_EVERY  # committed tokens a row may leave out of the draft layer's cache before it catches up
 LOOKUP_CONF = 0.5  # prior chance that a retrieved draft is accepted (given the earlier ones were)
 # draft_source "both": retrieved drafts where the matched suffix is at least this long, else the drafter's.
 # Measured (HumanEval 100-107 + 4 chat prompts outside the bench, 128 tokens, shipped draft layer, k=3, cost
@@ -79,8 +79,10 @@ class Verify(Mode):
         self.budget = Budget(widths, self.costs.draft_step, self.k, self.greedy) if dc.draft_budget == "auto" else None
 
     def gap_size(self, heads) -> int:
-        """Slots of the catch-up buffer: only a drafter with a cache of its own, under the budget."""
-        return GAP if self.budget is not None and self.heads_draft and has_chain(heads) else 0
+        """Slots of the catch-up buffer, one probe period: the PROBE_EVERY committed tokens a row may leave
+        out of the draft layer's cache before it catches up. Only a drafter with a cache of its own, under
+        the budget, has one."""
+        return PROBE_EVERY if self.budget is not None and self.heads_draft and has_chain(heads) else 0
 
     def init_state(self, B, S, model, heads):
         k, G, D = self.k, self.gap_size(heads), model.cfg.hidden_size
@@ -118,7 +120,7 @@ class Verify(Mode):
             lk = propose(st.buf.at[rows, st.length + n_acc].set(bonus), st.length + n_acc + 1, k)
             use_lookup = (lk.count > 0) & (lk.ngram >= (BOTH_MIN_NGRAM if self.heads_draft else 1))
         drafted, gaps = self._draft(ctx, vs, stats, anchor, bonus, key_draft, use_lookup)
-        ch = self._merge(drafted, lk, use_lookup, lstats)
+        ch = self._merge_lookup_drafts(drafted, lk, use_lookup, lstats)
         m = self._how_many(ch, stats, active, use_lookup, lstats)
 
         padded = jnp.pad(take_rows(step.chunk, jnp.clip(step.last[:, None] + 1 + jnp.arange(k), 0,
@@ -198,8 +200,8 @@ class Verify(Mode):
             def after_step(c, D, fed):
                 feed, more = self.budget.after_step(self.budget.corrected(c, stats), D, fed)
                 return feed, more & ~probing  # a probe drafts one step
-            # rows whose drafting has not paid stop, but catch up (and look again) every GAP tokens
-            want = active & ((~probing & ~use_lookup) | (vs.gap_n + anchor + 1 > GAP))
+            # rows whose drafting has not paid stop, but catch up (and look again) every PROBE_EVERY tokens
+            want = active & ((~probing & ~use_lookup) | (vs.gap_n + anchor + 1 > PROBE_EVERY))
 
         def chain(hidden, nt, pos, anc, width):
             ch = run_chain(heads, model, hidden, nt, pos, anc, k, vs.draft_cache, step.draft_kernel,
@@ -246,7 +248,7 @@ class Verify(Mode):
 
         return jax.lax.cond(jnp.any(want), draft, skip, None)
 
-    def _merge(self, ch: Chain, lk, use_lookup, lstats: Stats) -> Chain:
+    def _merge_lookup_drafts(self, ch: Chain, lk, use_lookup, lstats: Stats) -> Chain:
         """Rows drafting from the context take the retrieved continuation, with the lookup's confidence."""
         if self.dc.draft_source == "heads":
             return ch

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from clp_jax.decode import batching
-from clp_jax.decode.loop import DecodeConfig, Decoder
+from clp_jax.decode.decoder import DecodeConfig, Decoder
 from clp_jax.drafting import checkpoint
 from clp_jax.drafting.heads import Heads, HeadsConfig, param_summary
 from clp_jax.model.config import ModelConfig

@@ -1,4 +1,6 @@
-"""One jit-compiled `lax.while_loop` decoder for every mode: ar, clp, verify, confadapt and gate.
+"""Room: `Decoder`, its programs and host API; runs the backbone (the KV cache), leaves commits to AfterPass.
+
+One jit-compiled `lax.while_loop` decoder for every mode: ar, clp, verify, confadapt and gate.
 
 Each loop step feeds a static-width chunk of up to W = k+1 slots per row (1 for `ar`) at that row's own
 positions: the committed tokens whose keys/values are not cached yet, followed (in `verify`) by the
@@ -8,8 +10,8 @@ variable number of tokens (1 .. k+1) into its token buffer. With an adaptive wid
 the widest row's need (a `lax.switch` over widths 1..W), so a pass feeding no drafts costs an `ar` pass.
 
 What each mode drafts, feeds and commits is its own object (decode/modes.py, decode/verify.py); the shared
-tail after every pass is `Advance` (decode/advance.py). Prefill is its own jitted function and ends with the
-same `Advance` as a loop step. Prompt lengths and batch sizes are bucketed (powers of two), so a session
+tail after every pass is `AfterPass` (decode/after_pass.py). Prefill is its own jitted function and ends with
+the same `AfterPass` as a loop step. Prompt lengths and batch sizes are bucketed (powers of two), so a session
 compiles a handful of programs.
 """
 
@@ -26,10 +28,11 @@ import numpy as np
 from flax import nnx
 
 from clp_jax.decode import pass_costs
-from clp_jax.decode.advance import Advance, init_stats
-from clp_jax.decode.modes import Step, make_mode
+from clp_jax.decode.after_pass import AfterPass, init_stats
+from clp_jax.decode.budget import PROBE_EVERY
+from clp_jax.decode.modes import make_mode
+from clp_jax.decode.protocol import Step
 from clp_jax.decode.state import DRAFT_BUDGETS, DRAFT_SOURCES, MODES, DecodeConfig, DecodeState  # noqa: F401
-from clp_jax.decode.verify import GAP
 from clp_jax.model.kv_cache import init_cache
 from clp_jax.model.numerics import acceptance_ratio
 from clp_jax.model.qwen2 import Qwen2
@@ -156,17 +159,17 @@ class Decoder:
                 W = self.width
                 self._costs[batch] = pass_costs.load_or_measure(
                     self._model, self._heads if self._drafts else None, max_width=W,
-                    draft_widths=(1, W, GAP + W) if self._drafts else (), batch=batch,
+                    draft_widths=(1, W, PROBE_EVERY + W) if self._drafts else (), batch=batch,
                     remeasure=self._remeasure)
         return self._costs[batch]
 
-    def _advance(self, batch: int) -> Advance:
+    def _after_pass(self, batch: int) -> AfterPass:
         costs = self.costs(batch)
-        return Advance(make_mode(self.dc, costs), costs, self.eos_ids, self.slack)
+        return AfterPass(make_mode(self.dc, costs), costs, self.eos_ids, self.slack)
 
     # ------------------------------------------------------------------ jitted programs
 
-    def _merge(self, model_state, heads_state):
+    def _merge_model_and_heads(self, model_state, heads_state):
         model = nnx.merge(self._model_def, model_state)
         heads = None if self._heads_def is None else nnx.merge(self._heads_def, heads_state)
         return model, heads
@@ -185,23 +188,25 @@ class Decoder:
             prompt_len=prompt_len, done=done, rng=rng, steps=jnp.zeros((), jnp.int32),
             passes=jnp.zeros((B,), jnp.int32), offered=jnp.zeros((B, k), jnp.int32),
             accepted=jnp.zeros((B, k), jnp.int32), cache=init_cache(self.cfg, B, cache_len),
-            mode_state=self._advance(batch).mode.init_state(B, S, model, heads), stats=init_stats(B, self.width, k),
+            mode_state=self._after_pass(batch).mode.init_state(B, S, model, heads),
+            stats=init_stats(B, self.width, k),
             rec_hidden=rec(self.dc.record_hidden, self.cfg.hidden_size, dtype=jnp.bfloat16),
             rec_topk_ids=rec(self.dc.record_topk, self.dc.record_topk, dtype=jnp.int32),
             rec_topk_probs=rec(self.dc.record_topk, self.dc.record_topk, dtype=jnp.float32))
 
     def _prefill_pass(self, model, heads, st: DecodeState, tokens, prompt_len, batch: int) -> DecodeState:
-        """The prompt's pass over `tokens` [B, P] and the first commit (the advance of a batch of `batch`)."""
+        """The prompt's pass over `tokens` [B, P] and the first commit (a batch of `batch`'s AfterPass)."""
         B, P = tokens.shape
-        advance = self._advance(batch)
+        after_pass = self._after_pass(batch)
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         hidden, cache = model(tokens, positions, st.cache)
         st = st.replace(cache=cache)
-        kernel = heads.draft_kernel(model) if advance.mode.drafts else None
-        return advance(model, heads, st, Step(hidden, tokens, positions, prompt_len - 1, kernel, prefill=True))
+        kernel = heads.draft_kernel(model) if after_pass.mode.drafts else None
+        step = Step(hidden, tokens, positions, prompt_len - 1, kernel, prefill=True)
+        return after_pass(model, heads, st, step)
 
     def _prefill_impl(self, model_state, heads_state, tokens, prompt_len, done, rng, capacity: int):
-        model, heads = self._merge(model_state, heads_state)
+        model, heads = self._merge_model_and_heads(model_state, heads_state)
         B = tokens.shape[0]
         st = self._fresh_state(model, heads, tokens, prompt_len, done, rng, capacity, capacity, B)
         return self._prefill_pass(model, heads, st, tokens, prompt_len, B)
@@ -211,7 +216,7 @@ class Decoder:
         row, dropped); every other row is left as it was. The new rows' state is built as a prefill of R
         rows with a P-position cache, then scattered in: buffers and statistics whole, the cache's first P
         positions (later positions hold the old prompt's entries, masked by position until overwritten)."""
-        model, heads = self._merge(model_state, heads_state)
+        model, heads = self._merge_model_and_heads(model_state, heads_state)
         B, S = st.buf.shape
         rng, key = jax.random.split(st.rng)
         sub = self._fresh_state(model, heads, tokens, prompt_len, rows >= B, key, S, tokens.shape[1], B)
@@ -228,12 +233,12 @@ class Decoder:
         return jax.tree.map(put, st, sub).replace(rng=rng)
 
     def _run_impl(self, model_state, heads_state, st: DecodeState, stop_at):
-        model, heads = self._merge(model_state, heads_state)
+        model, heads = self._merge_model_and_heads(model_state, heads_state)
         W = self.width
         B, S = st.buf.shape
-        advance = self._advance(B)
+        after_pass = self._after_pass(B)
         # the drafters' output rows [U, D], gathered once here rather than in every loop step
-        kernel = heads.draft_kernel(model) if advance.mode.drafts else None
+        kernel = heads.draft_kernel(model) if after_pass.mode.drafts else None
 
         def cond(s):
             return (s.steps < stop_at) & ~jnp.all(s.done)
@@ -243,7 +248,7 @@ class Decoder:
             chunk = jnp.take_along_axis(s.buf, jnp.clip(positions, 0, S - 1), axis=1)
             hidden, cache = model(chunk, positions, s.cache)
             s = s.replace(cache=cache)
-            return advance(model, heads, s, Step(hidden, chunk, positions, s.length - s.fed - 1, kernel))
+            return after_pass(model, heads, s, Step(hidden, chunk, positions, s.length - s.fed - 1, kernel))
 
         def body(s):
             if self.dc.adaptive and W > 1:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from clp_jax.decode import pass_costs
-from clp_jax.decode.loop import Decoder, DecodeResult, _bucket
+from clp_jax.decode.decoder import Decoder, DecodeResult, _bucket
 from clp_jax.decode.prompts import encode
 
 

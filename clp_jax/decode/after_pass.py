@@ -1,9 +1,9 @@
-"""The code every mode shares after a backbone pass: cut the commit, write it, keep the statistics.
+"""Room: the tail every mode shares after a backbone pass; writes the DecodeState but its KV cache and step.
 
-`Advance` asks the mode (decode/modes.py) what to commit and draft, then stops each row at its first EOS,
-its token budget or the cache's capacity, writes the committed tokens and the pending drafts into the
-buffer, and counts the pass: its width, the drafts it fed, the drafting it ran and its cost in one-slot
-passes (from the pass-cost table), per row.
+`AfterPass` cuts the commit, writes it and keeps the statistics: it asks the mode (decode/modes.py) what to
+commit and draft, then stops each row at its first EOS, its token budget or the cache's capacity, writes the
+committed tokens and the pending drafts into the buffer, and counts the pass: its width, the drafts it fed,
+the drafting it ran and its cost in one-slot passes (from the pass-cost table), per row.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from clp_jax.decode.modes import Ctx, Mode, Step
 from clp_jax.decode.pass_costs import PassCosts
+from clp_jax.decode.protocol import Ctx, Mode, Step
 from clp_jax.decode.state import DecodeState
 from clp_jax.model.qwen2 import Qwen2
 
@@ -26,7 +26,7 @@ def init_stats(B: int, W: int, k: int) -> dict:
             "source": jnp.zeros((B, 2), jnp.int32)}
 
 
-class Advance:
+class AfterPass:
     """Turns the hidden states of one fed chunk into committed tokens, pending drafts and statistics."""
 
     def __init__(self, mode: Mode, costs: PassCosts, eos_ids: Sequence[int], slack: int):
