@@ -4,9 +4,23 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation per distinct program for the whole run, shared by the xdist workers and inherited by the
+# train.py / decode.py subprocesses: many tests build decoders and trainers over the same tiny models.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "clp_jax",
+                                                                "test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests on the real demo backbone (and vLLM serving it) run on one xdist worker, one after another:
+    they share its download and conversion, and two 2 GB models at once would only contend for the cores."""
+    for item in items:
+        if item.get_closest_marker("demo") or item.get_closest_marker("serve"):
+            item.add_marker(pytest.mark.xdist_group("real_backbone"))
 
 
 def tiny_hf_config(tied: bool, vocab_size: int = 128, **kw):

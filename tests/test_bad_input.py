@@ -185,6 +185,10 @@ def results(tmp_path_factory):
     return out, before, {k: _digest(v) for k, v in files.items()}
 
 
+# one xdist worker runs every case: the fixture that runs them (~1.5 min of subprocesses) is built once
+pytestmark = pytest.mark.xdist_group("bad_input")
+
+
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_bad_input_fails_fast_with_one_line(results, name):
     out, _, _ = results

@@ -159,6 +159,7 @@ def _max_diff(a, b):
                for x, y in zip(a, b))
 
 
+@pytest.mark.slow  # ~1.5 min: run by .ci/run after the README's test command (`-m slow`)
 def test_two_processes_equal_one_and_resume(setting, monkeypatch):
     root, config = setting
     import importlib.util

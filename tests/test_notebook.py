@@ -9,6 +9,7 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "clp_jax_demo.ipynb")
 
 
 @pytest.mark.demo
+@pytest.mark.slow  # ~3.5 min: run by .ci/run after the README's test command (`python -m pytest -q -m slow`)
 def test_demo_notebook_runs_on_cpu(monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

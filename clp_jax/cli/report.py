@@ -72,10 +72,11 @@ def stats_line(mode: str, results: Sequence[DecodeResult], decoder: Decoder) -> 
     return line
 
 
-def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats: int = 3, out=sys.stdout) -> int:
+def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats: int = 3, out=None) -> int:
     """Decodes every batch with the mode and with ar, `repeats` times with the order alternating (so a slow
     second on a shared machine lands on both), and prints the median speedup with its spread, and exact match.
     A median below 1 comes with the reason in one line (acceptance, tokens per pass, pass costs)."""
+    out = out or sys.stdout  # looked up now: a caller (or pytest) may have replaced it since import
     rounds = []  # per repeat: (mode results, ar results)
     for r in range(repeats):
         mine, ref = [], []
