@@ -1,6 +1,7 @@
 """verify's draft budget: hopeless drafts cost (almost) nothing, good drafts are all fed, greedy output stays ar's;
 the pass-cost table is measured once and cached; the budget's rule on hand-made confidences."""
 
+import dataclasses
 import json
 import os
 
@@ -158,6 +159,70 @@ def test_pass_cost_table_is_measured_once_and_cached(model, monkeypatch, tmp_pat
     assert dec.costs(1) == a and len(calls) == 1
     pass_costs.load_or_measure(model, heads, max_width=3, remeasure=True, rounds=2)
     assert len(calls) == 2
+
+
+def test_tables_are_timed_at_the_cache_length_decoding_uses(model, monkeypatch, tmp_path):
+    """Attention reads the whole static cache, so a table is per cache bucket, timed at that bucket's length."""
+    monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
+    seen = []
+    real = pass_costs._pass_fns
+    monkeypatch.setattr(pass_costs, "_pass_fns", lambda *a: seen.append(a[3]) or real(*a))
+    assert [pass_costs.cache_bucket(n) for n in (1, 128, 129, 448, 512, 513)] == [128, 128, 256, 512, 512, 1024]
+    a = pass_costs.load_or_measure(model, None, max_width=2, rounds=2, cache_len=448)
+    assert seen == [512]
+    assert pass_costs.load_or_measure(model, None, max_width=2, rounds=2, cache_len=500) == a and seen == [512]
+    pass_costs.load_or_measure(model, None, max_width=2, rounds=2, cache_len=100)
+    assert seen == [512, 128] and len(os.listdir(tmp_path / "pass_costs")) == 2
+
+
+def test_the_overhead_per_pass_is_measured_from_the_clock_and_included(model, monkeypatch, tmp_path):
+    """A run's clock minus the table's backbone and drafting, per pass, becomes the table's overhead (a running
+    mean, never negative); later tables include it in every pass's cost; short runs and runs of another table
+    are not recorded."""
+    monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
+    a = pass_costs.load_or_measure(model, None, max_width=3, rounds=2)
+    assert a.overhead == 0.0 and a.pass_cost(2) == a.width[1]
+    units = 40 * a.width[1]  # 40 two-slot passes
+    check = pass_costs.clock_check(a, units, 40, 40 * (a.width[1] * a.ms + 3.0) / 1e3)  # 3 ms more per pass
+    assert check.clock_ms == pytest.approx(a.width[1] * a.ms + 3.0) and check.overhead_ms == 0.0
+    assert check.error < 0 and "clock" in check.format()
+    assert pass_costs.record_clock(model, 1, 128, a, check) == pytest.approx(3.0)
+    b = pass_costs.load_or_measure(model, None, max_width=3, rounds=2)
+    assert b.overhead == pytest.approx(3.0 / a.ms) and b.pass_cost(2) == pytest.approx(b.width[1] + 3.0 / a.ms)
+    # the model now agrees with that clock: b's units include the overhead
+    same = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, check.clock_ms * 40 / 1e3)
+    assert abs(same.error) < 1e-6 and same.overhead_ms == pytest.approx(3.0)
+    faster = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * (b.width[1] * b.ms + 1.0) / 1e3)
+    assert pass_costs.record_clock(model, 1, 128, b, faster) == pytest.approx(
+        (1 - pass_costs.OVERHEAD_RATE) * 3.0 + pass_costs.OVERHEAD_RATE * 1.0)
+    never_negative = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * 0.5 * b.ms / 1e3)
+    for _ in range(8):
+        got = pass_costs.record_clock(model, 1, 128, b, never_negative)
+    assert got == 0.0
+    short = pass_costs.clock_check(b, 4 * b.pass_cost(2), 4, 4 * 2 * b.ms / 1e3)
+    assert pass_costs.record_clock(model, 1, 128, b, short) is None
+    other = dataclasses.replace(b, ms=b.ms * 2)
+    assert pass_costs.record_clock(model, 1, 128, other, check) is None
+    with pytest.raises(ValueError, match="overhead"):
+        dataclasses.replace(b, overhead=-0.1)
+
+
+def test_a_decoder_holds_its_runs_against_the_clock_and_records_them(model, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer"), rngs=nnx.Rngs(0))
+    dec = Decoder(model, heads, DecodeConfig(mode="verify", k=2, max_new_tokens=24))
+    prompt = [[3, 5, 7, 9, 11]]
+    dec.generate(prompt)  # compiles: its clock is not recorded
+    table = pass_costs.table_path(pass_costs.table_key(model, 1, dec.capacity_for(prompt)))
+    assert "overhead_ms" not in json.loads(open(table).read())
+    res = dec.generate(prompt)
+    check = dec.clock_check(res, 1, dec.capacity_for(prompt))
+    assert check.passes == int(res.passes[0]) - 1 >= pass_costs.MIN_CLOCK_PASSES
+    assert check.clock_ms == pytest.approx(1e3 * res.decode_seconds / check.passes)
+    assert check.modelled_ms == pytest.approx(dec.costs(1, 64).ms * float(res.cost[0]) / check.passes, rel=1e-6)
+    entry = json.loads(open(table).read())
+    assert entry["overhead_runs"] == 1 and entry["overhead_ms"] >= 0.0
+    assert Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=4)).clock_check(res, 1, 64) is None
 
 
 def test_a_new_drafter_keeps_the_width_table_and_a_stale_table_is_retimed(model, monkeypatch, tmp_path):

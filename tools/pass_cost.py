@@ -144,8 +144,8 @@ def real_table(args) -> None:
     heads = options.build_heads(options.heads_source(args.heads, args.model, "verify"), backbone.cfg)
     dec = Decoder(backbone.model, heads, DecodeConfig(mode="verify", k=min(args.k, heads.cfg.k)),
                   remeasure_costs=args.remeasure)
-    table = dec.costs(args.batch)
-    key = pass_costs.table_key(backbone.model, args.batch)
+    table = dec.costs(args.batch, args.cache_len)
+    key = pass_costs.table_key(backbone.model, args.batch, args.cache_len)
     print(f"device {key['device']}, {backbone.source} ({key['layout']}, {key['dtype']}), heads "
           f"{pass_costs.drafter_signature(dec._heads)}, batch {args.batch}, k {dec.dc.k}; "
           f"{pass_costs.table_path(key)}\n{table.format()}")
@@ -158,6 +158,8 @@ def main():
     p.add_argument("--new", type=int, default=32, help="tokens per generate() in the mode table")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cache-len", type=int, default=512,
+                   help="the cache length the table is timed at (decoding's: prompt + new tokens + a chunk)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds of the fed-width table")
     p.add_argument("--mode-repeats", type=int, default=3, help="interleaved generate() rounds per mode")
     p.add_argument("--modes", default=",".join(MODES) + ",verify@3",
@@ -192,9 +194,10 @@ def main():
     default = qwen2_layout(base)
     W = args.k + 1
     table = pass_costs.load_or_measure(models[default], heads, max_width=W, draft_widths=(1, W, PROBE_EVERY + W),
-                                       batch=args.batch, remeasure=args.remeasure)
-    print(f"\npass-cost table ({default} layout, {args.heads_kind} drafter; "
-          f"{pass_costs.table_path(pass_costs.table_key(models[default], args.batch))}):\n{table.format()}")
+                                       batch=args.batch, remeasure=args.remeasure, cache_len=args.cache_len)
+    key = pass_costs.table_key(models[default], args.batch, args.cache_len)
+    print(f"\npass-cost table ({default} layout, {args.heads_kind} drafter, {key['cache']}-slot cache; "
+          f"{pass_costs.table_path(key)}):\n{table.format()}")
     if args.table_only:
         return
 

@@ -67,6 +67,7 @@ class Run:
     offered: np.ndarray | None = None  # [k] drafts offered per head position
     accepted: np.ndarray | None = None
     result: DecodeResult | None = None  # the decoder's own record (policy statistics; None for the peers)
+    capacity: int = 0  # the cache length it decoded with (its pass-cost table's)
 
 
 def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Sample]:
@@ -157,7 +158,22 @@ def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
 def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
     res = decoder.generate([ids])
     return Run(res.tokens[0], res.decode_seconds, res.prefill_seconds + res.decode_seconds,
-               int(res.passes.sum()), res.offered.sum(0), res.accepted.sum(0), res)
+               int(res.passes.sum()), res.offered.sum(0), res.accepted.sum(0), res, decoder.capacity_for([ids]))
+
+
+def clock_of(decoder: Decoder, runs: Sequence[Run]) -> dict | None:
+    """A mode's ms per loop pass over its runs, on the clock and as its pass-cost table models them (the
+    overhead per pass included), or None (ar, a given table)."""
+    checks = [decoder.clock_check(r.result, 1, r.capacity) for r in runs if r.result is not None and r.capacity]
+    checks = [c for c in checks if c is not None]
+    if not checks:
+        return None
+    passes = sum(c.passes for c in checks)
+    clock = sum(c.clock_ms * c.passes for c in checks) / passes
+    modelled = sum(c.modelled_ms * c.passes for c in checks) / passes
+    return {"passes": passes, "clock_ms_per_pass": round(clock, 2), "modelled_ms_per_pass": round(modelled, 2),
+            "error": round(modelled / clock - 1.0, 4),
+            "overhead_ms_per_pass": round(sum(c.overhead_ms * c.passes for c in checks) / passes, 2)}
 
 
 def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | None) -> dict:
@@ -358,6 +374,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
             m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass", "head_acceptance",
                                                          "policy", "pass_at_1") if key in sub}
         if label in decoders:
+            m["clock"] = clock_of(decoders[label], rs)
             m["compile_seconds"] = decoders[label].compile_seconds
             m["memory_bytes"] = decoders[label].memory_bytes()
         if label in ("vllm_mtp", "vllm_ngram"):  # passes and acceptance from vLLM's counters (over all prompts)

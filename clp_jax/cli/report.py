@@ -108,12 +108,18 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats:
     costs = None
     if decoder.dc.mode == "verify":
         bucket = _bucket(len(batches[0]), 1)
-        costs = decoder.costs(bucket)
+        cache_len = decoder.capacity_for(batches[0])
+        costs = decoder.costs(bucket, cache_len)
         print(costs.format().replace("\n", " | "), file=out)
+        checks = [decoder.clock_check(r, _bucket(len(b), 1), decoder.capacity_for(b))
+                  for m, _ in rounds for r, b in zip(m, batches)]
+        line = clock_line([c for c in checks if c is not None])
+        if line:
+            print(f"[verify] {line}", file=out)
         # ar's loop passes are one-slot passes timed now: a table timed under another load is re-timed next run
         steps = sum(max(int(r.passes.max()) - 1, 1) for r in every_ref)  # batched passes (the prefill excluded)
         note = pass_costs.check_against(decoder.model, bucket, costs,
-                                        1e3 * sum(r.decode_seconds for r in every_ref) / steps)
+                                        1e3 * sum(r.decode_seconds for r in every_ref) / steps, cache_len=cache_len)
         if note:
             print(note, file=out)
     med, med_e2e = float(np.median(decode_x)), float(np.median(e2e_x))
@@ -125,6 +131,17 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats:
     if med < 1.0:
         print(why_slower(decoder.dc.mode, every_mine, costs), file=out)
     return 0
+
+
+def clock_line(checks: Sequence[pass_costs.ClockCheck]) -> str:
+    """The runs' ms per loop pass on the clock against the pass-cost table's model ('' without checks)."""
+    passes = sum(c.passes for c in checks)
+    if not passes:
+        return ""
+    clock = sum(c.clock_ms * c.passes for c in checks) / passes
+    modelled = sum(c.modelled_ms * c.passes for c in checks) / passes
+    over = sum(c.overhead_ms * c.passes for c in checks) / passes
+    return pass_costs.ClockCheck(passes, clock, modelled, over).format()
 
 
 def why_slower(mode: str, results: Sequence[DecodeResult], costs) -> str:

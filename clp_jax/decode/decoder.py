@@ -148,23 +148,34 @@ class Decoder:
 
     # ------------------------------------------------------------------ costs and modes per batch bucket
 
-    def costs(self, batch: int = 1) -> pass_costs.PassCosts:
-        """The pass-cost table at this batch size (`ar` needs none: every pass is one slot)."""
-        if batch not in self._costs:
+    def costs(self, batch: int = 1, cache_len: int = 0) -> pass_costs.PassCosts:
+        """The pass-cost table at this batch size and cache length (0: a 64-token prompt's; `ar` needs none:
+        every pass is one slot)."""
+        key = (batch, pass_costs.cache_bucket(cache_len or self._capacity(64)))
+        if key not in self._costs:
             if self._costs_given is not None:
-                self._costs[batch] = self._costs_given
+                self._costs[key] = self._costs_given
             elif self.dc.mode == "ar":
-                self._costs[batch] = pass_costs.FLAT
+                self._costs[key] = pass_costs.FLAT
             else:
                 W = self.width
-                self._costs[batch] = pass_costs.load_or_measure(
+                self._costs[key] = pass_costs.load_or_measure(
                     self._model, self._heads if self._drafts else None, max_width=W,
                     draft_widths=(1, W, PROBE_EVERY + W) if self._drafts else (), batch=batch,
-                    remeasure=self._remeasure)
-        return self._costs[batch]
+                    remeasure=self._remeasure, cache_len=key[1])
+        return self._costs[key]
 
-    def _after_pass(self, batch: int) -> AfterPass:
-        costs = self.costs(batch)
+    def clock_check(self, result: "DecodeResult", batch: int, cache_len: int) -> pass_costs.ClockCheck | None:
+        """The run's loop passes on the clock against the pass-cost table's model of them (None for `ar` or a
+        given table)."""
+        if self.dc.mode == "ar" or result.cost is None or not len(result.passes):
+            return None
+        costs = self.costs(batch, cache_len)
+        passes = int(result.passes.max()) - 1  # batched loop steps: the prefill is not one
+        return pass_costs.clock_check(costs, float(result.cost.max()), passes, result.decode_seconds)
+
+    def _after_pass(self, batch: int, cache_len: int) -> AfterPass:
+        costs = self.costs(batch, cache_len)
         return AfterPass(make_mode(self.dc, costs), costs, self.eos_ids, self.slack)
 
     # ------------------------------------------------------------------ jitted programs
@@ -188,7 +199,7 @@ class Decoder:
             prompt_len=prompt_len, done=done, rng=rng, steps=jnp.zeros((), jnp.int32),
             passes=jnp.zeros((B,), jnp.int32), offered=jnp.zeros((B, k), jnp.int32),
             accepted=jnp.zeros((B, k), jnp.int32), cache=init_cache(self.cfg, B, cache_len),
-            mode_state=self._after_pass(batch).mode.init_state(B, S, model, heads),
+            mode_state=self._after_pass(batch, S).mode.init_state(B, S, model, heads),
             stats=init_stats(B, self.width, k),
             rec_hidden=rec(self.dc.record_hidden, self.cfg.hidden_size, dtype=jnp.bfloat16),
             rec_topk_ids=rec(self.dc.record_topk, self.dc.record_topk, dtype=jnp.int32),
@@ -197,7 +208,7 @@ class Decoder:
     def _prefill_pass(self, model, heads, st: DecodeState, tokens, prompt_len, batch: int) -> DecodeState:
         """The prompt's pass over `tokens` [B, P] and the first commit (a batch of `batch`'s AfterPass)."""
         B, P = tokens.shape
-        after_pass = self._after_pass(batch)
+        after_pass = self._after_pass(batch, st.buf.shape[1])
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         hidden, cache = model(tokens, positions, st.cache)
         st = st.replace(cache=cache)
@@ -236,7 +247,7 @@ class Decoder:
         model, heads = self._merge_model_and_heads(model_state, heads_state)
         W = self.width
         B, S = st.buf.shape
-        after_pass = self._after_pass(B)
+        after_pass = self._after_pass(B, S)
         # the drafters' output rows [U, D], gathered once here rather than in every loop step
         kernel = heads.draft_kernel(model) if after_pass.mode.drafts else None
 
@@ -317,8 +328,8 @@ class Decoder:
             p = prompts[i] if i < n else prompts[0]
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
-        self.costs(B)  # measured here (first use on this machine), not while tracing
         S = max(self._capacity(P), capacity)
+        self.costs(B, S)  # measured here (first use on this machine), not while tracing
         args = (self._model_state, self._heads_state, jnp.asarray(tokens), jnp.asarray(lengths),
                 jnp.asarray(np.arange(B) >= n), jax.random.key(seed))
         return self._get(f"prefill@{S}", functools.partial(self._prefill_impl, capacity=S), (), args)(*args)
@@ -351,7 +362,7 @@ class Decoder:
 
     def advance(self, st: DecodeState, max_steps: int) -> DecodeState:
         """Runs up to max_steps loop iterations (fewer if every row finishes). Donates `st`."""
-        self.costs(st.buf.shape[0])
+        self.costs(*st.buf.shape)
         args = (self._model_state, self._heads_state, st, st.steps + max_steps)
         return self._get("run", self._run_impl, (2,), args)(*args)
 
@@ -361,7 +372,8 @@ class Decoder:
 
     def generate(self, prompts: Sequence[Sequence[int]], seed: int = 0) -> DecodeResult:
         """Decodes every prompt to completion in one loop call."""
-        self.costs(_bucket(len(prompts), 1))  # first use on this machine: measured before the clock starts
+        B, S = _bucket(len(prompts), 1), self.capacity_for(prompts)
+        self.costs(B, S)  # first use on this machine: measured before the clock starts
         c0 = self.compile_seconds
         t0 = time.perf_counter()
         st = self.start(prompts, seed)
@@ -370,7 +382,10 @@ class Decoder:
         st = self.advance(st, 1 << 30)
         jax.block_until_ready(st.length)
         c2, t2 = self.compile_seconds, time.perf_counter()
-        return self.result_of(st, len(prompts), (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1))
+        result = self.result_of(st, len(prompts), (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1))
+        if self._costs_given is None and self.dc.mode != "ar" and c2 == c1:  # a compiling run's clock says little
+            pass_costs.record_clock(self._model, B, S, self.costs(B, S), self.clock_check(result, B, S))
+        return result
 
     def result_of(self, st: DecodeState, n: int, prefill_seconds: float, decode_seconds: float) -> DecodeResult:
         passes, offered, accepted, length, stats = jax.device_get(

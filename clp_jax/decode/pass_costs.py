@@ -4,15 +4,21 @@ What a decoding pass costs on this machine: a table measured once per machine an
 
 `PassCosts.width[w-1]` is the cost of one backbone pass feeding w slots per row, relative to a one-slot pass
 (so `width[0] == 1.0`); `draft_first[w-1]` the drafter's first step over a w-slot chunk (the draft layer writes
-its cache for the whole chunk in it) and `draft_step` each further chained step, on the same scale. `verify`'s
-draft budget reads them to weigh one more draft against its cost, and the decoder adds them up per row, so a
-run's cost in `ar` passes is known exactly (`DecodeResult.cost`).
+its cache for the whole chunk in it) and `draft_step` each further chained step, on the same scale;
+`overhead` what every loop pass costs outside the backbone and the drafter (the mode's own kernels, the
+loop's bookkeeping), on the same scale. `verify`'s draft budget reads them to weigh one more draft against its
+cost, and the decoder adds them up per row, so a run's modelled cost is known (`DecodeResult.cost`) and can be
+held against its clock (`clock_check`).
 
 Measurement (`measure`) times a shallow copy of the trunk (its first layers, same weights) and the output
-projection separately at each width, interleaved over rounds, and takes medians: cost(w) = head(w) +
-L/n * layers_n(w); on a loaded machine load hits every width alike. The drafter is timed the same way. Tables
-live under `cache_dir("pass_costs")`, one JSON file per device kind, backbone geometry, layout, dtype and batch;
-`load_or_measure` fills in what is missing and `remeasure=True` discards what is there.
+projection separately at each width, at the cache length decoding uses (attention reads the whole static
+cache, so a pass costs what its cache holds, not what is filled), interleaved over rounds, and takes medians:
+cost(w) = head(w) + L/n * layers_n(w); on a loaded machine load hits every width alike. The drafter is timed
+the same way. The overhead cannot be timed apart from a running loop, so it is measured from one: after each
+run, the decoder records its clock against the table's model (`record_clock`) and the table keeps a running
+mean of the difference per pass, which every later decoder includes. Tables live under
+`cache_dir("pass_costs")`, one JSON file per device kind, backbone geometry, layout, dtype, batch and cache
+bucket; `load_or_measure` fills in what is missing and `remeasure=True` discards what is there.
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ from clp_jax.weights.assets import cache_dir
 log = logging.getLogger(__name__)
 
 SHALLOW_LAYERS = 4  # layers of the timed trunk copy (the per-layer cost is scaled to the full depth)
-VERSION = 2
+VERSION = 3
+MIN_CACHE_BUCKET = 128
+OVERHEAD_RATE = 0.5  # running mean of the measured per-pass overhead: weight of the newest run
+MIN_CLOCK_PASSES = 8  # runs with fewer loop passes say too little about the overhead to be recorded
+
+
+def cache_bucket(cache_len: int) -> int:
+    """The cache length a table is timed at: the power of two at or above `cache_len` (at least 128)."""
+    return max(MIN_CACHE_BUCKET, 1 << (max(int(cache_len), 1) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,20 +64,23 @@ class PassCosts:
     draft_first: tuple[float, ...] = (0.0,)  # [Wd] the drafter's first step over a w = 1..Wd slot chunk
     draft_step: float = 0.0  # one further step of the chain (draft layer; 0 for drafters that draft at once)
     ms: float = 0.0  # a one-slot pass in ms when measured (0: a given table)
+    overhead: float = 0.0  # every loop pass, outside the backbone and the drafter (measured from runs' clocks)
 
     def __post_init__(self):
         if not self.width or abs(self.width[0] - 1.0) > 1e-6:
             raise ValueError(f"PassCosts.width must start at 1.0 (a one-slot pass), got {self.width}.")
         if any(c <= 0 for c in self.width) or any(c < 0 for c in self.draft_first) or self.draft_step < 0:
             raise ValueError("PassCosts entries must be positive (widths) or >= 0 (drafting).")
+        if self.overhead < 0:
+            raise ValueError(f"PassCosts.overhead must be >= 0, got {self.overhead}.")
 
     @staticmethod
     def _at(table: Sequence[float], w: int) -> float:
         return float(table[min(max(w, 1), len(table)) - 1])
 
     def pass_cost(self, w: int) -> float:
-        """A w-slot pass (widths past the table cost what its widest entry costs)."""
-        return self._at(self.width, w)
+        """A w-slot loop pass, its overhead included (widths past the table cost what its widest entry costs)."""
+        return self._at(self.width, w) + self.overhead
 
     def draft_cost(self, first_width: int, steps: int) -> float:
         """A chain of `steps` draft steps whose first runs over `first_width` slots (0 steps: nothing)."""
@@ -83,8 +100,10 @@ class PassCosts:
         ms = f" ({self.ms:.1f} ms)" if self.ms else ""
         line = "pass cost by fed width (x a 1-slot pass" + ms + "): " + " ".join(
             f"{w}:{c:.2f}" for w, c in enumerate(self.width, 1))
+        over = f" + {self.overhead:.3f} per pass outside the backbone" + (
+            f" ({self.overhead * self.ms:.1f} ms)" if self.ms else "")
         first = " ".join(f"{w}:{c:.3f}" for w, c in enumerate(self.draft_first, 1))
-        return line + f"\ndraft step: {self.draft_step:.3f}; first step by chunk width: {first}"
+        return line + over + f"\ndraft step: {self.draft_step:.3f}; first step by chunk width: {first}"
 
 
 FLAT = PassCosts(width=(1.0,))  # every width costs a one-slot pass, drafting is free: feed every draft
@@ -115,13 +134,15 @@ def _shallow(model: Qwen2, n: int) -> Qwen2:
     return nnx.merge(graphdef, state)
 
 
-def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, context: int = 64) -> dict:
-    """Per width: ('trunk', w) the shallow trunk over w slots with a cache; ('head', w) logits of w rows."""
+def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, cache_len: int = MIN_CACHE_BUCKET) -> dict:
+    """Per width: ('trunk', w) the shallow trunk over w slots with a `cache_len` cache; ('head', w) logits of w
+    rows."""
     n = min(SHALLOW_LAYERS, model.cfg.num_layers)
     shallow = _shallow(model, n)
     tg, ts = nnx.split(shallow)
     mg, ms = nnx.split(model)
-    cache = init_cache(shallow.cfg, batch, context + 32)
+    cache = init_cache(shallow.cfg, batch, cache_len)
+    context = cache_len // 2  # attention reads all cache_len slots whatever the fill
 
     @jax.jit
     def trunk(state, tokens, positions, cache):
@@ -191,14 +212,15 @@ def drafter_signature(heads) -> str | None:
 
 
 def measure(model: Qwen2, heads=None, widths: Sequence[int] = (1, 2, 3, 4), draft_widths: Sequence[int] = (),
-            batch: int = 1, rounds: int = 15) -> dict:
-    """Times passes at `widths` (and the drafter at `draft_widths`), interleaved; returns the raw entry
+            batch: int = 1, rounds: int = 15, cache_len: int = MIN_CACHE_BUCKET) -> dict:
+    """Times passes at `widths` with a `cache_len` cache (and the drafter at `draft_widths`), interleaved; returns
+    the raw entry
     {'ms': a one-slot pass, 'width': {w: relative}, 'drafters': {signature: {'first': {w: rel}, 'step': rel}}}."""
     t0 = time.perf_counter()
     log.info("measuring this machine's pass costs (once per backbone geometry; cached under %s)",
              cache_dir("pass_costs"))
     widths = sorted(set(widths) | {1})
-    fns, scale = _pass_fns(model, widths, batch)
+    fns, scale = _pass_fns(model, widths, batch, cache_len)
     sig = drafter_signature(heads)
     if sig is not None:
         dfns = _draft_fns(model, heads, sorted(set(draft_widths) | {1}), batch)
@@ -223,15 +245,15 @@ def measure(model: Qwen2, heads=None, widths: Sequence[int] = (1, 2, 3, 4), draf
 # ---------------------------------------------------------------------- the on-disk table
 
 
-def table_key(model: Qwen2, batch: int) -> dict:
-    """What a table depends on: device kind, backbone geometry, matmul layout, dtype, batch rows."""
+def table_key(model: Qwen2, batch: int, cache_len: int = MIN_CACHE_BUCKET) -> dict:
+    """What a table depends on: device kind, backbone geometry, matmul layout, dtype, batch rows, cache bucket."""
     cfg = model.cfg
     geometry = {k: v for k, v in cfg.to_dict().items()
                 if k not in ("dtype", "param_dtype", "matmul_layout", "max_position_embeddings", "rope_theta",
                              "rms_norm_eps")}
     return {"version": VERSION, "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "geometry": geometry, "layout": resolve_layout(cfg), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-            "batch": batch}
+            "batch": batch, "cache": cache_bucket(cache_len)}
 
 
 def table_path(key: dict) -> str:
@@ -262,14 +284,15 @@ def _write(path: str, entry: dict) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the old table or the new one
 
 
-def check_against(model: Qwen2, batch: int, costs: PassCosts, observed_ms: float, tolerance: float = 1.5) -> str:
+def check_against(model: Qwen2, batch: int, costs: PassCosts, observed_ms: float, tolerance: float = 1.5,
+                  cache_len: int = MIN_CACHE_BUCKET) -> str:
     """Compares the table's one-slot pass (`costs.ms`) with one measured now (e.g. `ar`'s ms per pass in the
     same process). Where they differ by more than `tolerance`x, the machine's load has changed since the
     table was timed, so its relative costs are suspect too: the cached table is marked stale (the next
     decoder re-times it) and a note saying so is returned; '' when they agree or nothing can be compared."""
     if not costs.ms or observed_ms <= 0 or max(costs.ms / observed_ms, observed_ms / costs.ms) <= tolerance:
         return ""
-    path = table_path(table_key(model, batch))
+    path = table_path(table_key(model, batch, cache_len))
     entry = _read(path)
     reason = (f"its one-slot pass took {costs.ms:.1f} ms when timed ({entry.get('measured', '?') if entry else '?'}),"
               f" {observed_ms:.1f} ms in a run of {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -287,10 +310,12 @@ def _interp(points: dict, n: int) -> tuple[float, ...]:
 
 
 def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: Sequence[int] = (),
-                    batch: int = 1, remeasure: bool = False, rounds: int = 15) -> PassCosts:
-    """This machine's table for widths 1..max_width (and the drafter's first step at `draft_widths`), from
-    the cache where it has them, else measured now (a few seconds) and stored."""
-    key = table_key(model, batch)
+                    batch: int = 1, remeasure: bool = False, rounds: int = 15,
+                    cache_len: int = MIN_CACHE_BUCKET) -> PassCosts:
+    """This machine's table for widths 1..max_width (and the drafter's first step at `draft_widths`) at a
+    cache of `cache_len` (timed at its bucket), from the cache where it has them, else measured now (a few
+    seconds) and stored."""
+    key = table_key(model, batch, cache_len)
     path = table_path(key)
     entry = None if remeasure else _read(path)
     if entry is not None and entry.get("key") != key:
@@ -310,8 +335,9 @@ def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: 
         # widths (and other drafters) as they were, so the table does not depend on which tool ran first
         widths = sorted({int(w) for w in entry["width"]} | set(range(1, max_width + 1))) if need_w else [1]
         dws = sorted(set(int(w) for w in (d or {}).get("first", {})) | set(draft_widths) | {1}) if sig else ()
-        new = measure(model, heads, widths, dws, batch, rounds)
+        new = measure(model, heads, widths, dws, batch, rounds, cache_bucket(cache_len))
         if need_w:
+            entry.pop("overhead_ms", None)  # measured against the old widths' clock
             entry["ms"] = new["ms"]
             entry["width"] = {str(w): c for w, c in new["width"].items()}
             entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -321,9 +347,62 @@ def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: 
         _write(path, entry)
     width = _interp(entry["width"], max_width)
     width = (1.0,) + width[1:]
+    ms = float(entry["ms"] or 0.0)
+    overhead = float(entry.get("overhead_ms") or 0.0) / ms if ms else 0.0
     if sig is None:
-        return PassCosts(width=width, ms=float(entry["ms"] or 0.0))
+        return PassCosts(width=width, ms=ms, overhead=overhead)
     d = entry["drafters"][sig]
     n_first = max(int(w) for w in d["first"])
     return PassCosts(width=width, draft_first=_interp(d["first"], n_first), draft_step=float(d["step"]),
-                     ms=float(entry["ms"] or 0.0))
+                     ms=ms, overhead=overhead)
+
+
+# ---------------------------------------------------------------------- the model against the clock
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockCheck:
+    """One run's loop passes: ms per pass on the clock and as the table models them."""
+
+    passes: int  # loop passes (batched steps; the prefill excluded)
+    clock_ms: float  # per pass, measured
+    modelled_ms: float  # per pass: the table's costs of what ran (backbone, drafting, overhead) x its one-slot ms
+    overhead_ms: float  # per pass, the part of modelled_ms the table puts outside the backbone and drafter
+
+    @property
+    def error(self) -> float:
+        """modelled / clock - 1."""
+        return self.modelled_ms / max(self.clock_ms, 1e-9) - 1.0
+
+    def format(self) -> str:
+        return (f"ms per pass: clock {self.clock_ms:.1f}, modelled {self.modelled_ms:.1f} ({100 * self.error:+.1f}%; "
+                f"of which {self.overhead_ms:.1f} ms outside the backbone and drafter, measured from earlier "
+                f"runs' clocks) over {self.passes} passes")
+
+
+def clock_check(costs: PassCosts, cost_units: float, passes: int, decode_seconds: float) -> ClockCheck | None:
+    """A run against its table: `cost_units` the run's modelled cost of its `passes` loop passes in one-slot
+    passes (the batch's widest row: the loop runs at its cost), `decode_seconds` its clock. None without a
+    measured table or passes."""
+    if not costs.ms or passes <= 0:
+        return None
+    return ClockCheck(passes, 1e3 * decode_seconds / passes, costs.ms * cost_units / passes, costs.ms * costs.overhead)
+
+
+def record_clock(model: Qwen2, batch: int, cache_len: int, costs: PassCosts, check: ClockCheck | None) -> float | None:
+    """Folds one run's measured overhead per pass (clock - the table's backbone and drafting) into the table on
+    disk (a running mean), so later decoders include it; returns the new overhead in ms, or None when the run
+    is too short to say or the table on disk is not the one the run used."""
+    if check is None or check.passes < MIN_CLOCK_PASSES:
+        return None
+    path = table_path(table_key(model, batch, cache_len))
+    entry = _read(path)
+    if entry is None or abs(float(entry.get("ms") or 0.0) - costs.ms) > 1e-6:
+        return None
+    seen = check.clock_ms - (check.modelled_ms - check.overhead_ms)  # this run's overhead per pass
+    old = entry.get("overhead_ms")
+    new = max(0.0, seen if old is None else (1 - OVERHEAD_RATE) * float(old) + OVERHEAD_RATE * seen)
+    entry["overhead_ms"] = round(new, 3)
+    entry["overhead_runs"] = int(entry.get("overhead_runs", 0)) + 1
+    _write(path, entry)
+    return new
