@@ -89,7 +89,8 @@ def test_time_budget_stops_with_a_checkpoint_and_a_rerun_continues(model, store,
 
 
 def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, store, tmp_path):
-    scripted = {0: 0.1, 2: 0.3, 4: 0.5, 6: 0.4, 8: 0.45, 10: 0.2, 12: 0.9}  # held-out scores the steps would get
+    # held-out scores the steps would get (7: the last step of the first run, scored as every phase's last is)
+    scripted = {0: 0.1, 2: 0.3, 4: 0.5, 6: 0.4, 7: 0.35, 8: 0.45, 10: 0.2, 12: 0.9}
     params_at = {}
 
     def score(trainer):
@@ -104,12 +105,12 @@ def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, s
     meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, first.tc)
     with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
         fit(first, _sampler(store, first), steps=7, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
-            progress=False)  # killed after step 7: steps 0, 2, 4, 6 scored
+            progress=False)  # ended after step 7: steps 0, 2, 4, 6 and 7 scored
     resumed, _ = _trainer(model, steps=12)
     with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
         fit(resumed, _sampler(store, resumed), steps=12, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
             progress=False)
-        assert resumed.step_count == 10  # 6, 8 and 10 did not beat step 4: step 12 (0.9) is never reached
+        assert resumed.step_count == 8  # 6, 7 and 8 did not beat step 4: step 12 (0.9) is never reached
         assert stop.restore_best(resumed) == 4
     for a, b in zip(jax.tree.leaves(resumed.params), params_at[4]):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -117,7 +118,20 @@ def test_early_stopping_keeps_the_best_and_a_resumed_run_keeps_counting(model, s
     with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, early() as stop:
         assert fit(again, _sampler(store, again), steps=12, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
                    progress=False) == []
-    assert sorted(params_at) == [0, 2, 4, 6, 8, 10]  # each step scored once across the interruption
+    assert sorted(params_at) == [0, 2, 4, 6, 7, 8]  # each step scored once across the interruption
+
+
+def test_the_last_step_is_scored_when_it_is_off_the_scoring_grid(model, store, tmp_path):
+    """A phase of 5 steps scored every 2: step 5 competes too (else its training would be thrown away)."""
+    trainer, heads = _trainer(model, steps=5)
+    meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, trainer.tc)
+    scores = {0: 0.1, 2: 0.2, 4: 0.3, 5: 0.9}
+    with TrainCheckpoints(str(tmp_path / "ckpt"), every=5, keep=1) as ckpts, \
+            EarlyStopping(lambda t: {"score": scores[t.step_count]}, every=2, patience=0,
+                          scores_path=str(tmp_path / "scores.jsonl"), best_dir=str(tmp_path / "best")) as stop:
+        fit(trainer, _sampler(store, trainer), steps=5, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
+            progress=False)
+        assert sorted(stop.scores(5)) == [0, 2, 4, 5] and stop.restore_best(trainer) == 5
 
 
 def test_a_warm_start_that_training_never_beats_is_kept(model, store, tmp_path):

@@ -132,9 +132,10 @@ class EarlyStopping:
     def best_of(scores: dict[int, float]) -> int | None:
         return max(scores, key=lambda s: (scores[s], -s)) if scores else None  # the earliest of equal scores
 
-    def due(self, step: int) -> bool:
-        """Step 0 is scored too: a warm-started phase that never beats its start keeps its start."""
-        return step % self.every == 0 and step not in self.scores(step)
+    def due(self, step: int, last: int | None = None) -> bool:
+        """Every `every` steps and the phase's `last` step (whose parameters would otherwise never compete);
+        step 0 is scored too: a warm-started phase that never beats its start keeps its start."""
+        return (step % self.every == 0 or step == last) and step not in self.scores(step)
 
     def __call__(self, trainer: Trainer, meta: dict) -> bool:
         """Scores the current step; True when the phase should end."""
@@ -219,7 +220,7 @@ def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, 
                                          v, trainer.step_count)
             bar.set_postfix(loss=f"{row['loss']:.3f}", agree=" ".join(f"{a:.2f}" for a in row.get("agreement", [])))
             bar.update(1)
-            scored = early is not None and early.due(trainer.step_count)
+            scored = early is not None and early.due(trainer.step_count, steps)
             if ckpts is not None:  # a scored step is always saved: a resumed run never scores it again
                 ckpts.save(trainer.step_count, trainer.params, trainer.opt_state, meta, force=scored)
             if scored and early(trainer, meta):
