@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--draft-source", choices=DRAFT_SOURCES, default="both",
                    help="verify: drafts from the heads, from the context (prompt lookup), or both (default: the "
                         "retrieved continuation where the text's last tokens occurred before, else the heads')")
+    p.add_argument("--tree", type=int, default=0,
+                   help="verify: up to this many siblings beside the chain (the drafter's runner-up at depths 1..N), "
+                        "checked in the same pass; the budget picks how many per pass (default 0: a chain)")
     p.add_argument("--adaptive-width", action=argparse.BooleanOptionalAction, default=None,
                    help="feed only the slots a step needs (default: on with --draft-budget auto or clp)")
     p.add_argument("--remeasure-costs", action="store_true",
@@ -86,7 +89,7 @@ def run(args) -> int:
     dc = DecodeConfig(mode=args.mode, k=k, max_new_tokens=args.max_new_tokens, sampling=sampling_cfg,
                       tau=args.tau, clp_confidence=args.clp_confidence, draft_budget=args.draft_budget,
                       draft_source=args.draft_source, max_cache_len=args.max_cache_len,
-                      adaptive_width=args.adaptive_width)
+                      adaptive_width=args.adaptive_width, tree=args.tree)
     decoder = Decoder(backbone.model, heads, dc, backbone.eos_token_ids, remeasure_costs=args.remeasure_costs)
     tok = backbone.tokenizer
 

@@ -46,6 +46,9 @@ def markdown(report: dict) -> str:
                 cell += f"; first draft {x['head_acceptance'][0]:.2f}"
             if label.startswith("verify") and x.get("policy"):
                 cell += f"; ar-cost {100 * x['policy']['ar_cost_share']:.0f}%, {x['policy']['drafts_per_pass']:.2f}"
+                sib = x["policy"].get("siblings")
+                if sib:
+                    cell += f", siblings {sib['per_pass']:.2f} ({100 * sib['accepted']:.0f}% right)"
             cells.append(cell)
         lines.append(f"| {PEER_NAMES.get(label, label)} | " + " | ".join(cells) + " |")
     rf = meta["roofline"]

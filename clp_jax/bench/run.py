@@ -82,12 +82,16 @@ def load_samples(tokenizer, sets: Sequence[str], limit: int | None) -> list[Samp
 
 
 def verify_variant(spec: str) -> dict:
-    """'BUDGET' or 'BUDGET-SOURCE' (e.g. 'auto', 'fixed-heads') -> DecodeConfig fields."""
-    budget, _, source = spec.partition("-")
+    """'BUDGET[-SOURCE][-treeN]' (e.g. 'auto', 'fixed-heads', 'auto-tree2') -> DecodeConfig fields."""
+    parts = spec.split("-")
+    tree = 0
+    if parts[-1].startswith("tree") and parts[-1][4:].isdigit() and len(parts) > 1:
+        tree = int(parts.pop()[4:])
+    budget, source = parts[0], "-".join(parts[1:])
     if budget not in DRAFT_BUDGETS or (source and source not in DRAFT_SOURCES):
-        raise ValueError(f"--verify-variants entry {spec!r}: expected BUDGET or BUDGET-SOURCE with BUDGET one of "
+        raise ValueError(f"--verify-variants entry {spec!r}: expected BUDGET[-SOURCE][-treeN] with BUDGET one of "
                          f"{', '.join(DRAFT_BUDGETS)} and SOURCE one of {', '.join(DRAFT_SOURCES)}.")
-    return {"draft_budget": budget, **({"draft_source": source} if source else {})}
+    return {"draft_budget": budget, **({"draft_source": source} if source else {}), **({"tree": tree} if tree else {})}
 
 
 def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_tokens: int,
@@ -220,7 +224,7 @@ def parse_args(argv=None):
     p.add_argument("--taus", default="0.5,0.7,0.9", help="confadapt thresholds (a sweep)")
     p.add_argument("--verify-ks", default="", help="also run verify with these numbers of heads, e.g. 1,2")
     p.add_argument("--verify-variants", default="auto,fixed-heads",
-                   help="verify's draft budget and source, one row each, BUDGET[-SOURCE] (budgets: auto, fixed, "
+                   help="verify's draft budget, source and tree, one row each, BUDGET[-SOURCE][-treeN] (budgets: auto, fixed, "
                         "clp; sources: heads, lookup, both; default source: decode.py's): the first is `verify`, "
                         "the others `verify@VARIANT`")
     p.add_argument("--clp-confidences", default="", help="also run clp with these confidence margins, e.g. 0.5")

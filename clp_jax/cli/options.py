@@ -66,6 +66,9 @@ def check_decode_args(args) -> None:
     check_range("--batch-size", getattr(args, "batch_size", None), low=1)
     check_range("--repeats", getattr(args, "repeats", None), low=1)
     check_range("--limit", getattr(args, "limit", None), low=1, hint="Omit --limit to run every prompt.")
+    check_range("--tree", getattr(args, "tree", None), low=0, hint="0 drafts a chain; N adds up to N siblings.")
+    if getattr(args, "tree", 0) and getattr(args, "mode", "verify") != "verify":
+        raise UsageError(f"--tree {args.tree} is for --mode verify (draft trees are verified), not {args.mode}.")
     top_p, top_k = getattr(args, "top_p", 1.0), getattr(args, "top_k", 0)
     if getattr(args, "temperature", None) == 0 and (top_p < 1.0 or top_k > 0):  # greedy ignores the filters
         flag = f"--top-p {top_p}" if top_p < 1.0 else f"--top-k {top_k}"

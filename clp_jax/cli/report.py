@@ -44,16 +44,28 @@ def policy(results: Sequence[DecodeResult]) -> dict:
             "source_share": {"heads": round(float(source[0]) / max(int(source.sum()), 1), 4),
                              "lookup": round(float(source[1]) / max(int(source.sum()), 1), 4)},
             "draft_steps_per_pass": round(float(sum(r.draft_steps.sum() for r in results)) / passes, 3),
-            "cost_per_token": round(float(sum(r.cost.sum() for r in results)) / max(tokens, 1), 4)}
+            "cost_per_token": round(float(sum(r.cost.sum() for r in results)) / max(tokens, 1), 4),
+            "siblings": _siblings(results, passes)}
+
+
+def _siblings(results: Sequence[DecodeResult], passes: int) -> dict | None:
+    """The draft tree's siblings: fed per pass and the share of them accepted (None: no tree ran)."""
+    trees = [r.tree for r in results if r.tree is not None]
+    fed, ok = (sum(t.sum(0) for t in trees) if trees else (0, 0))
+    if not fed:
+        return None
+    return {"per_pass": round(float(fed) / passes, 3), "accepted": round(float(ok) / float(fed), 4)}
 
 
 def policy_line(results: Sequence[DecodeResult]) -> str:
     p = policy(results)
     hist = " ".join(f"{m}:{100 * f:.0f}%" for m, f in enumerate(p["fed_share"]))
     src = p["source_share"]
+    sib = p["siblings"]
+    tree = f" | siblings {sib['per_pass']:.2f} per pass, {100 * sib['accepted']:.0f}% accepted" if sib else ""
     return (f"drafts fed per pass {hist} (ar-cost passes {100 * p['ar_cost_share']:.0f}%; from heads "
             f"{100 * src['heads']:.0f}%, lookup {100 * src['lookup']:.0f}%) | draft steps per pass "
-            f"{p['draft_steps_per_pass']:.2f} | measured cost {p['cost_per_token']:.3f} one-slot passes per token")
+            f"{p['draft_steps_per_pass']:.2f}{tree} | measured cost {p['cost_per_token']:.3f} one-slot passes per token")
 
 
 def stats_line(mode: str, results: Sequence[DecodeResult], decoder: Decoder) -> str:

@@ -23,7 +23,7 @@ def init_stats(B: int, W: int, k: int) -> dict:
     """The pass statistics of DecodeState.stats (loop passes only; the prefill is not counted)."""
     return {"width": jnp.zeros((B, W), jnp.int32), "fed": jnp.zeros((B, k + 1), jnp.int32),
             "draft_steps": jnp.zeros((B,), jnp.int32), "cost": jnp.zeros((B,), jnp.float32),
-            "source": jnp.zeros((B, 2), jnp.int32)}
+            "source": jnp.zeros((B, 2), jnp.int32), "tree": jnp.zeros((B, 2), jnp.int32)}
 
 
 class AfterPass:
@@ -59,6 +59,13 @@ class AfterPass:
         n_next = jnp.where(finished, 0, nxt.count).astype(jnp.int32)
         write = jnp.where(active[:, None] & (j[None, :k] < n_next[:, None]), new_length[:, None] + j[:k], S)
         buf = buf.at[rows[:, None], write].set(nxt.tokens, mode="drop")
+        n_tree = jnp.zeros_like(n_next)
+        if nxt.tree_tokens is not None:  # siblings after the drafts
+            n_tree = jnp.where(finished, 0, nxt.tree_count).astype(jnp.int32)
+            T = nxt.tree_tokens.shape[1]
+            jt = jnp.arange(T)[None, :]
+            write = jnp.where(active[:, None] & (jt < n_tree[:, None]), (new_length + n_next)[:, None] + jt, S)
+            buf = buf.at[rows[:, None], write].set(nxt.tree_tokens, mode="drop")
         fed = st.length + c.cached  # committed tokens this pass fed are cached; the rest is fed next
         rec = self.mode.record(st, step, c)
 
@@ -70,15 +77,17 @@ class AfterPass:
         in_commit = j[None, :k] + c.head_start < n_commit[:, None]
         return st.replace(
             buf=buf, length=keep(new_length, st.length), fed=keep(fed, st.fed), n_draft=keep(n_next, st.n_draft),
+            n_tree=keep(n_tree, st.n_tree),
             done=st.done | finished, rng=rng, passes=st.passes + active,
             offered=st.offered + (c.offered & active[:, None]),
             accepted=st.accepted + (c.head_ok & in_commit & active[:, None]),
             mode_state=jax.tree.map(keep, mode_state, st.mode_state),
-            stats=st.stats if step.prefill else self._count(st, step, nxt, active), **rec,
+            stats=st.stats if step.prefill else self._count(st, step, nxt, active, c), **rec,
         )
 
-    def _count(self, st: DecodeState, step: Step, nxt, active) -> dict:
-        """One loop pass of every active row: its width (the batch's), the drafts it fed, drafting, cost."""
+    def _count(self, st: DecodeState, step: Step, nxt, active, c) -> dict:
+        """One loop pass of every active row: its width (the batch's), the drafts it fed, drafting, cost, and
+        the draft tree's siblings fed and accepted."""
         s, on = st.stats, active.astype(jnp.int32)
         W = step.chunk.shape[1]
         rows = jnp.arange(on.shape[0])
@@ -89,4 +98,6 @@ class AfterPass:
                 "draft_steps": s["draft_steps"] + on * jnp.asarray(nxt.steps, jnp.int32),
                 "cost": s["cost"] + jnp.where(active, self.costs.pass_cost(W) + jnp.asarray(nxt.cost, jnp.float32),
                                               0.0),
-                "source": s["source"].at[rows, source].add(on * (jnp.asarray(nxt.count) > 0))}
+                "source": s["source"].at[rows, source].add(on * (jnp.asarray(nxt.count) > 0)),
+                "tree": s["tree"] + on[:, None] * jnp.stack(
+                    [st.n_tree, jnp.broadcast_to(jnp.asarray(c.tree_ok, jnp.int32), on.shape)], 1)}

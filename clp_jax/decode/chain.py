@@ -30,6 +30,8 @@ class Chain(NamedTuple):
     cost: jax.Array  # [B] float32 drafting cost spent, in one-slot passes
     clp_count: jax.Array  # [B] the CLP's predicted number of accepted drafts at h_n (its argmax)
     cache: tuple  # the drafter's cache
+    second: jax.Array | None = None  # [B, k] the runner-up at each depth (the draft tree's siblings)
+    second_conf: jax.Array | None = None  # [B, k] its calibrated probability
 
 
 # after_step(c [B, j], D [B], fed_before [B]) -> (feed draft j [B], draft one more [B])
@@ -43,17 +45,31 @@ def has_chain(heads) -> bool:
     return isinstance(getattr(heads, "drafter", None), DraftLayer)
 
 
+def runner_up(logits: jax.Array, token: jax.Array, T) -> tuple[jax.Array, jax.Array]:
+    """The most likely id of logits [..., V] other than `token` [...], and its calibrated probability."""
+    masked = jnp.where(jax.nn.one_hot(token, logits.shape[-1], dtype=bool), -jnp.inf, logits.astype(jnp.float32))
+    second = jnp.argmax(masked, -1).astype(jnp.int32)
+    t = jnp.asarray(T, jnp.float32)
+    p = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32) / t[..., None], -1), second[..., None], -1)
+    return second, jnp.exp(p[..., 0])
+
+
 def draft_scores(heads, model, f: jax.Array, kernel, sample: Sample, j: int, T: jax.Array):
     """One draft from features f [B, 1, D]: (logits over the full vocabulary [B, V] when sampling, else an
-    empty [B, 0]; token [B]; calibrated confidence [B]). Greedy drafts with a draft vocabulary score its U
-    ids alone (no scatter into V)."""
+    empty [B, 0]; token [B]; calibrated confidence [B]; the runner-up [B] and its calibrated probability [B]).
+    Greedy drafts with a draft vocabulary score its U ids alone (no scatter into V)."""
     if sample is None and getattr(heads, "draft_vocab", None) is not None and kernel is not None:
         sub = model.logits(f, kernel=kernel)[:, 0]  # [B, U]
-        token = heads.draft_vocab[...][jnp.argmax(sub, -1)]
-        return jnp.zeros(sub.shape[:1] + (0,)), token.astype(jnp.int32), confidence(sub, T)
+        best = jnp.argmax(sub, -1)
+        vocab = heads.draft_vocab[...]
+        second, c2 = runner_up(sub, best, T)
+        return (jnp.zeros(sub.shape[:1] + (0,)), vocab[best].astype(jnp.int32), confidence(sub, T),
+                vocab[second].astype(jnp.int32), c2)
     logits = heads.draft_logits(model, f, kernel)[:, 0]  # [B, V]
     token = jnp.argmax(logits, -1).astype(jnp.int32) if sample is None else sample(j, logits)
-    return (logits if sample is not None else jnp.zeros(logits.shape[:1] + (0,))), token, confidence(logits, T)
+    second, c2 = runner_up(logits, token, T)
+    return ((logits if sample is not None else jnp.zeros(logits.shape[:1] + (0,))), token, confidence(logits, T),
+            second, c2)
 
 
 def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cache, kernel, sample: Sample,
@@ -94,16 +110,19 @@ def run_chain(heads, model, hidden, next_tokens, positions, anchor, k: int, cach
         for j in range(k):
             account(j + 1, c[:, j])
         tokens, logits, length_logits, cache = d.tokens, d.logits, d.length_logits, d.cache
+        second, second_conf = runner_up(d.logits, d.tokens, temperatures[None, :])
     else:
         def score(j, f):
-            logits, token, c = draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
-            return token, logits, c
+            logits, token, c, second, c2 = draft_scores(heads, model, f, kernel, sample, j, temperatures[j])
+            return token, logits, c, second, c2
 
         outs, cache = heads.drafter.chain(model, hidden, next_tokens, positions, anchor, k, cache, score,
                                           lambda j, outs: account(j, outs[-1][2]))
         account(k, outs[-1][2])
         tokens, logits = jnp.stack([o[0] for o in outs], 1), jnp.stack([o[1] for o in outs], 1)
+        second, second_conf = jnp.stack([o[3] for o in outs], 1), jnp.stack([o[4] for o in outs], 1)
         length_logits = heads.clp(hidden[jnp.arange(B), anchor])
     live = jnp.arange(k)[None, :] < steps[:, None]
     return Chain(jnp.where(live, tokens, 0), logits, jnp.stack(conf, 1), jnp.stack(fed, 1), steps, cost,
-                 jnp.argmax(length_logits, -1).astype(jnp.int32), cache)
+                 jnp.argmax(length_logits, -1).astype(jnp.int32), cache, jnp.where(live, second, 0),
+                 jnp.where(live, second_conf, 0.0))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clp_jax.decode import pass_costs
+from clp_jax.decode import pass_costs, tree
 from clp_jax.decode.after_pass import AfterPass, init_stats
 from clp_jax.decode.budget import PROBE_EVERY
 from clp_jax.decode.modes import make_mode
@@ -56,6 +56,7 @@ class DecodeResult:
     draft_steps: np.ndarray | None = None
     cost: np.ndarray | None = None
     source: np.ndarray | None = None
+    tree: np.ndarray | None = None  # [B, 2] siblings fed and accepted (verify with a draft tree)
     # DecodeConfig.record_hidden / record_topk: per prompt, arrays over positions 0 .. len(prompt + tokens)
     hidden: list[np.ndarray] | None = None  # [L, D] bf16
     topk_ids: list[np.ndarray] | None = None  # [L, K] (rows before the last prompt position are zero)
@@ -196,6 +197,7 @@ class Decoder:
         return DecodeState(
             buf=jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens),
             length=prompt_len, fed=jnp.zeros((B,), jnp.int32), n_draft=jnp.zeros((B,), jnp.int32),
+            n_tree=jnp.zeros((B,), jnp.int32),
             prompt_len=prompt_len, done=done, rng=rng, steps=jnp.zeros((), jnp.int32),
             passes=jnp.zeros((B,), jnp.int32), offered=jnp.zeros((B, k), jnp.int32),
             accepted=jnp.zeros((B, k), jnp.int32), cache=init_cache(self.cfg, B, cache_len),
@@ -255,15 +257,18 @@ class Decoder:
             return (s.steps < stop_at) & ~jnp.all(s.done)
 
         def feed(s, w):
-            positions = s.fed[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B, w]
+            positions = s.fed[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B, w] where the chunk sits in buf
             chunk = jnp.take_along_axis(s.buf, jnp.clip(positions, 0, S - 1), axis=1)
-            hidden, cache = model(chunk, positions, s.cache)
+            tree_masks = None
+            if self.dc.tree:  # siblings at their depth's position, masked to their own path
+                positions, tree_masks = tree.tree_pass(s.fed, s.length, s.n_draft, s.n_tree, w)
+            hidden, cache = model(chunk, positions, s.cache, tree=tree_masks)
             s = s.replace(cache=cache)
             return after_pass(model, heads, s, Step(hidden, chunk, positions, s.length - s.fed - 1, kernel))
 
         def body(s):
             if self.dc.adaptive and W > 1:
-                count = jnp.where(s.done, 1, s.length - s.fed + s.n_draft)  # slots each row needs
+                count = jnp.where(s.done, 1, s.length - s.fed + s.n_draft + s.n_tree)  # slots each row needs
                 branch = jnp.clip(jnp.max(count), 1, W) - 1
                 s = jax.lax.switch(branch, [functools.partial(feed, w=w) for w in range(1, W + 1)], s)
             else:
@@ -399,7 +404,7 @@ class Decoder:
         return DecodeResult(self.tokens_of(st, n), passes[:n], offered[:n], accepted[:n],
                             prefill_seconds, decode_seconds, widths=stats["width"][:n], fed=stats["fed"][:n],
                             draft_steps=stats["draft_steps"][:n], cost=stats["cost"][:n],
-                            source=stats["source"][:n], **recs)
+                            source=stats["source"][:n], tree=stats["tree"][:n], **recs)
 
     def stream(self, prompts: Sequence[Sequence[int]], seed: int = 0,
                steps_per_call: int = 4) -> Iterator[tuple[list[list[int]], DecodeState]]:

@@ -177,7 +177,7 @@ def _draft_fns(model: Qwen2, heads, widths: Sequence[int], batch: int, context: 
         def first(ms, hs, hidden, tokens, positions, cache):  # one step as decode/chain.py runs it (greedy)
             m, h = nnx.merge(mg, ms), nnx.merge(hg, hs)
             feats, _ = h.drafter.step(m, hidden, tokens, positions, cache[0])
-            _, token, conf = draft_scores(h, m, feats[:, -1:], kernel, None, 0, jnp.float32(1.0))
+            _, token, conf, *_ = draft_scores(h, m, feats[:, -1:], kernel, None, 0, jnp.float32(1.0))
             return token, conf
 
         for w in sorted(set(widths) | {1}):

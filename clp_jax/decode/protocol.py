@@ -63,6 +63,7 @@ class Commit(NamedTuple):
     head_start: int = 1  # index in `tokens` of head token 0 (1 after t1; 0 for gate and verify)
     cached: jax.Array | int = 0  # [B] leading committed tokens this pass already fed (their KV is cached)
     t1_logits: jax.Array | None = None  # [B, V] the backbone's next-token logits (ar: soft labels)
+    tree_ok: jax.Array | int = 0  # [B] a sibling was accepted (verify's draft tree)
 
 
 class Next(NamedTuple):
@@ -74,6 +75,8 @@ class Next(NamedTuple):
     steps: jax.Array | int = 0  # [B] draft steps run
     cost: jax.Array | float = 0.0  # [B] their cost in one-slot passes (decode/pass_costs.py)
     source: jax.Array | int = 0  # [B] where the fed drafts come from: 0 the heads, 1 the context (lookup)
+    tree_tokens: jax.Array | None = None  # [B, tree] siblings to feed after the drafts (depths 1..)
+    tree_count: jax.Array | int = 0  # [B] how many of them
 
 
 def nothing(B: int, k: int, steps=0, cost=0.0) -> Next:

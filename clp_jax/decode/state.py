@@ -36,6 +36,9 @@ class DecodeConfig:
     # per step, feed only as many slots as the widest row needs (lax.switch over widths 1..k+1: k+1 times the
     # compile time; pays where a wider pass costs more, e.g. CPU). None: on with a varying budget (auto, clp)
     adaptive_width: bool | None = None
+    # verify: up to this many siblings beside the chain (a draft tree: the drafter's runner-up at depths 1..tree,
+    # each a leaf), checked in the same pass (decode/tree.py); the budget picks how many per pass (0: a chain)
+    tree: int = 0
     max_cache_len: int = 4096  # upper bound on prompt + generated tokens + one chunk
     # ar only: keep the trunk's hidden state of every position (bf16) and the top-`record_topk` of the
     # backbone's next-token distribution at every generated anchor, so self-distilled training records
@@ -60,6 +63,13 @@ class DecodeConfig:
             raise ValueError(f"clp_confidence must be in (0, 1], got {self.clp_confidence}.")
         if (self.record_hidden or self.record_topk) and self.mode != "ar":
             raise ValueError("Recording hidden states / soft labels is for 'ar' (self-distillation) only.")
+        if self.tree:
+            if self.mode != "verify":
+                raise ValueError(f"tree={self.tree}: draft trees are verified by mode 'verify' only.")
+            if not 0 < self.tree <= self.k:
+                raise ValueError(f"tree must be in 0..k ({self.k}): one sibling per chain depth, got {self.tree}.")
+            if self.draft_source == "lookup":
+                raise ValueError("tree: siblings are the drafter's runners-up; use --draft-source heads or both.")
         if not 0 <= self.record_topk <= 64:
             raise ValueError(f"record_topk must be in 0..64, got {self.record_topk}.")
 
@@ -81,6 +91,7 @@ class DecodeState:
     length: jax.Array  # [B] committed tokens, prompt included
     fed: jax.Array  # [B] tokens whose keys/values are in the cache
     n_draft: jax.Array  # [B] pending drafts stored after `length` (verify)
+    n_tree: jax.Array  # [B] pending siblings stored after the drafts (verify with a draft tree)
     prompt_len: jax.Array  # [B]
     done: jax.Array  # [B] bool
     rng: jax.Array

@@ -11,6 +11,14 @@ wait in a small buffer (`gap_*`, PROBE_EVERY slots: one probe period of the budg
 step runs over them first (the catch-up), so a row decoding at `ar` cost pays one draft step every
 PROBE_EVERY tokens instead of one per token.
 
+With a draft tree (`DecodeConfig.tree`, decode/tree.py), the pass also feeds siblings: the drafter's
+runner-up at depths 1..n beside the chain, each a leaf. Where the chain's draft at depth a+1 is rejected,
+the sibling of that depth is tested next (greedy: is it the backbone's token; sampling: accepted with its
+probability under the distribution the rejected draft leaves, and the bonus token drawn from that
+distribution without it, so the law stays `ar`'s), and an accepted sibling is committed with the backbone's
+token after it: one more token from the same pass. The budget adds siblings while their expected tokens pay
+for the wider pass.
+
 Drafts can also come from the context (`draft_source`, decode/lookup.py): "lookup" feeds only the
 continuation of the text's latest earlier n-gram; "both" takes it where the match is at least
 BOTH_MIN_NGRAM tokens long (no drafter step that pass) and the drafter's chain elsewhere. Retrieved drafts
@@ -25,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from clp_jax.decode import sampling
+from clp_jax.decode import sampling, tree
 from clp_jax.decode.budget import DEFAULT_TEMPERATURE, PROBE_EVERY, Budget, Stats
 from clp_jax.decode.chain import Chain, has_chain, run_chain
 from clp_jax.decode.lookup import propose
@@ -73,10 +81,17 @@ class Verify(Mode):
         self.costs = costs or FLAT
         self.heads_draft = dc.draft_source != "lookup"
         self.greedy = dc.sampling.greedy
+        self.tree = dc.tree
         W = self.width
-        # a pass's cost by drafts fed: flat when every pass runs at the full width
-        widths = [self.costs.pass_cost(m + 1 if dc.adaptive else W) for m in range(self.k + 1)]
+        # a pass's cost by slots fed: flat when every pass runs at the full width
+        self.slot_costs = [self.costs.pass_cost(w if dc.adaptive else W) for w in range(1, W + 1)]
+        widths = self.slot_costs[:self.k + 1]
         self.budget = Budget(widths, self.costs.draft_step, self.k, self.greedy) if dc.draft_budget == "auto" else None
+
+    @property
+    def width(self) -> int:
+        """The bonus, k drafts and the siblings, plus, with a tree, an accepted sibling fed again."""
+        return self.k + 1 + self.dc.tree + (1 if self.dc.tree else 0)
 
     def gap_size(self, heads) -> int:
         """Slots of the catch-up buffer, one probe period: the PROBE_EVERY committed tokens a row may leave
@@ -102,7 +117,14 @@ class Verify(Mode):
         st, step, k = ctx.st, ctx.step, self.k
         vs: VerifyState = st.mode_state
         key_check, key_draft = jax.random.split(ctx.key)
-        n_acc, bonus, first_ok = self._check(ctx, key_check)
+        n_acc, bonus, first_ok, sib_ok = self._check(ctx, key_check)
+        rows = jnp.arange(step.chunk.shape[0])
+        if self.tree:  # the accepted path made contiguous: an accepted sibling takes its chain slot
+            hidden, chunk, positions = tree.path_step(step.hidden, step.chunk, step.positions, step.last, n_acc,
+                                                      st.n_draft, sib_ok, PAD_SENTINEL)
+            step = step._replace(hidden=hidden, chunk=chunk, positions=positions)
+            ctx = ctx._replace(step=step)
+        n_in = n_acc + sib_ok.astype(jnp.int32)  # drafts committed (a sibling last)
         active = ~st.done
         stats, lstats = vs.budget, vs.lookup
         if self.budget is not None:
@@ -112,23 +134,28 @@ class Verify(Mode):
             none = jnp.zeros_like(vs.first_unfed)
             lstats = self.budget.observe(lstats, vs.conf, st.n_draft, n_acc, (none, first_ok), none, vs.cost,
                                          active & (vs.source == 1))
-        anchor = step.last + n_acc  # slot of the last accepted token: its state is h_n for the next drafts
+        anchor = step.last + n_in  # slot of the last accepted token: its state is h_n for the next drafts
         # the committed text after this step: the accepted drafts are in the buffer already, then the bonus
         lk, use_lookup = None, jnp.zeros_like(active)
         if self.dc.draft_source != "heads":
-            rows = jnp.arange(step.chunk.shape[0])
-            lk = propose(st.buf.at[rows, st.length + n_acc].set(bonus), st.length + n_acc + 1, k)
+            text = st.buf
+            if self.tree:  # an accepted sibling is not in the buffer where the chain's draft of its depth is
+                sib = step.chunk[rows, jnp.clip(step.last + n_in, 0, step.chunk.shape[1] - 1)]
+                text = text.at[rows, jnp.where(sib_ok, st.length + n_acc, text.shape[1])].set(sib, mode="drop")
+            lk = propose(text.at[rows, st.length + n_in].set(bonus), st.length + n_in + 1, k)
             use_lookup = (lk.count > 0) & (lk.ngram >= (BOTH_MIN_NGRAM if self.heads_draft else 1))
         drafted, gaps = self._draft(ctx, vs, stats, anchor, bonus, key_draft, use_lookup)
         ch = self._merge_lookup_drafts(drafted, lk, use_lookup, lstats)
         m = self._how_many(ch, stats, active, use_lookup, lstats)
+        n_sib = self._how_many_siblings(ch, m, stats, use_lookup)
 
         padded = jnp.pad(take_rows(step.chunk, jnp.clip(step.last[:, None] + 1 + jnp.arange(k), 0,
                                                         step.chunk.shape[1] - 1)), ((0, 0), (0, 1)))  # [B, k+1]
         jk = jnp.arange(k)[None, :]
-        commit = Commit(tokens=jnp.where(jnp.arange(k + 1)[None, :] < n_acc[:, None], padded, bonus[:, None]),
-                        count=n_acc + 1, head_ok=jk < n_acc[:, None], offered=jk < st.n_draft[:, None], head_start=0,
-                        cached=n_acc)
+        # an accepted sibling's keys and values were not cached (its position was the chain's): fed again next
+        commit = Commit(tokens=jnp.where(jnp.arange(k + 1)[None, :] < n_in[:, None], padded, bonus[:, None]),
+                        count=n_in + 1, head_ok=jk < n_acc[:, None], offered=jk < st.n_draft[:, None], head_start=0,
+                        cached=n_acc, tree_ok=sib_ok.astype(jnp.int32))
         heads_rows = (ch.steps > 0) & ~use_lookup
         q = vs.draft_q
         if not self.greedy:
@@ -139,11 +166,13 @@ class Verify(Mode):
             first_unfed=heads_rows & (m == 0), budget=stats, lookup=lstats, source=use_lookup.astype(jnp.int32),
             draft_q=q, **gaps)
         spent = jnp.zeros_like(drafted.cost) if step.prefill else drafted.cost  # catch-ups of lookup rows too
-        return commit, Next(ch.tokens, m, drafted.steps, spent, use_lookup.astype(jnp.int32)), new
+        siblings = ch.second[:, :self.tree] if self.tree else None
+        return commit, Next(ch.tokens, m, drafted.steps, spent, use_lookup.astype(jnp.int32), siblings, n_sib), new
 
     def _check(self, ctx: Ctx, key):
-        """The pending drafts against the backbone: accepted count [B], the bonus token [B], and whether an
-        unfed first draft was right (greedy: 0/1; sampled: its acceptance probability) [B]."""
+        """The pending drafts against the backbone: accepted count [B] (the chain's), the bonus token [B],
+        whether an unfed first draft was right (greedy: 0/1; sampled: its acceptance probability) [B], and
+        whether the sibling at the depth after the accepted chain was accepted [B] (the bonus then follows it)."""
         st, step, sc, k = ctx.st, ctx.step, self.dc.sampling, self.k
         vs: VerifyState = st.mode_state
         hidden, chunk, i0 = step.hidden, step.chunk, step.last
@@ -154,11 +183,29 @@ class Verify(Mode):
         logits = ctx.model.logits(take_rows(hidden, idx))  # [B, J, V]
         drafts = take_rows(chunk, jnp.clip(idx[:, :J - 1] + 1, 0, W - 1))  # [B, J-1] d_j sits at i0 + j
         valid = j[None, :J - 1] < st.n_draft[:, None]
+        no_sib = jnp.zeros((B,), bool)
+
+        def sibling(n_acc):  # the sibling of the depth after the accepted chain, and whether one was fed
+            slot = jnp.clip(i0 + st.n_draft + 1 + n_acc, 0, W - 1)
+            return slot, chunk[rows, slot], (n_acc < st.n_draft) & (n_acc < st.n_tree)
+
+        def sib_logits(slot, any_ok):
+            V = ctx.model.cfg.vocab_size
+            return jax.lax.cond(any_ok, lambda h: ctx.model.logits(h), lambda h: jnp.zeros((B, V), logits.dtype),
+                                hidden[rows, slot])
         if sc.greedy:
             target = jnp.argmax(logits, -1).astype(jnp.int32)  # [B, J]
             n_acc = prefix_len((drafts == target[:, :J - 1]) & valid)
-            return n_acc, target[rows, n_acc], (vs.first == target[:, 0]).astype(jnp.float32)
+            bonus, ok = target[rows, n_acc], no_sib
+            if self.tree:
+                slot, tok, has = sibling(n_acc)
+                ok = has & (tok == bonus)
+                after = jnp.argmax(sib_logits(slot, jnp.any(ok)), -1).astype(jnp.int32)
+                bonus = jnp.where(ok, after, bonus)
+            return n_acc, bonus, (vs.first == target[:, 0]).astype(jnp.float32), ok
         key_u, key_x = jax.random.split(key)
+        if self.tree:
+            key_u, key_s = jax.random.split(key_u)
         p = sampling.probs(logits, sc)  # [B, J, V]
         q = vs.draft_q[:, :J - 1]
         p_d = jnp.take_along_axis(p[:, :J - 1], drafts[..., None], -1)[..., 0]  # [B, J-1]
@@ -170,9 +217,18 @@ class Verify(Mode):
         residual = jnp.maximum(p_a - q_a, 0.0)
         rejected = (n_acc < st.n_draft) & (jnp.sum(residual, -1) > 0)
         dist = jnp.where(rejected[:, None], residual / jnp.sum(residual, -1, keepdims=True), p_a)
+        ok = no_sib
+        if self.tree:  # the sibling, a point-mass draft against what the rejection leaves: kept with dist[s]
+            slot, tok, has = sibling(n_acc)
+            r_s = dist[rows, tok]
+            ok = has & (jax.random.uniform(key_s, (B,)) < r_s)
+            rest = dist.at[rows, tok].set(0.0)
+            rest = rest / jnp.maximum(jnp.sum(rest, -1, keepdims=True), 1e-30)
+            p_sib = sampling.probs(sib_logits(slot, jnp.any(ok)), sc)
+            dist = jnp.where(ok[:, None], p_sib, jnp.where(has[:, None], rest, dist))
         bonus = sampling.sample(key_x, dist)
         p1, q1 = p[rows, 0, vs.first], vs.draft_q[rows, 0, vs.first]
-        return n_acc, bonus, jnp.minimum(1.0, p1 / jnp.maximum(q1, 1e-30))
+        return n_acc, bonus, jnp.minimum(1.0, p1 / jnp.maximum(q1, 1e-30)), ok
 
     # ------------------------------------------------------------------ drafting
 
@@ -216,7 +272,8 @@ class Verify(Mode):
             V = 0 if self.greedy else model.cfg.vocab_size
             zeros = jnp.zeros((B, k), jnp.float32)
             ch = Chain(jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, V)), zeros, zeros > 0,
-                       jnp.zeros((B,), jnp.int32), jnp.zeros((B,)), jnp.zeros((B,), jnp.int32), vs.draft_cache)
+                       jnp.zeros((B,), jnp.int32), jnp.zeros((B,)), jnp.zeros((B,), jnp.int32), vs.draft_cache,
+                       jnp.zeros((B, k), jnp.int32), zeros)
             if not G:
                 return ch, dict(empty_gaps, gap_n=vs.gap_n + jnp.where(active, anchor + 1, 0))
             slot = jnp.arange(W)[None, :]
@@ -265,6 +322,30 @@ class Verify(Mode):
         pick = lambda a, b: jnp.where(use_lookup.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
         return ch._replace(tokens=pick(lk.tokens, ch.tokens), conf=pick(c0, ch.conf), fed=pick(fed, ch.fed),
                            steps=pick(lk.count, ch.steps), cost=pick(jnp.zeros_like(ch.cost), ch.cost))
+
+    def _how_many_siblings(self, ch: Chain, m, stats: Stats, use_lookup) -> jax.Array | int:
+        """Siblings the next pass feeds beside its m drafts [B] (0 without a tree): at most one per fed depth
+        and none for drafts from the context. Under the budget, the n that maximises the rate with each
+        sibling's expected tokens, a_{j-1} (1 - c_j) s_j, where s_j = P(runner-up | draft j wrong) is read
+        from the calibrated confidences; fixed budgets feed them all."""
+        T = self.tree
+        if not T:
+            return 0
+        cap = jnp.where(use_lookup, 0, jnp.minimum(m, T)).astype(jnp.int32)
+        if self.budget is None:
+            return cap
+        c = self.budget.corrected(ch.conf, stats)  # [B, k]
+        a = jnp.cumprod(c, 1)
+        a_prev = jnp.concatenate([jnp.ones_like(a[:, :1]), a[:, :-1]], 1)
+        s = jnp.clip(ch.second_conf / jnp.maximum(1.0 - ch.conf, 1e-6), 0.0, 1.0)
+        gain = jnp.concatenate([jnp.zeros_like(c[:, :1]), jnp.cumsum((a_prev * (1 - c) * s)[:, :T], 1)], 1)
+        tokens = 1.0 + jnp.take_along_axis(jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, 1)], 1),
+                                           m[:, None], 1)  # [B, 1] the chain's expected tokens
+        P = jnp.asarray(self.slot_costs, jnp.float32)
+        n = jnp.arange(T + 1)[None, :]
+        cost = P[jnp.clip(m[:, None] + n, 0, P.shape[0] - 1)] + ch.cost[:, None]  # width m + 1 + n
+        rate = jnp.where(n <= cap[:, None], (tokens + gain) / cost, -jnp.inf)
+        return jnp.argmax(rate, 1).astype(jnp.int32)
 
     def _how_many(self, ch: Chain, stats: Stats, active, use_lookup, lstats: Stats) -> jax.Array:
         """Drafts the next pass feeds per row [B]; rows are topped up to the widest row's count for free

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.kv_cache import LayerCache, Tree
 from clp_jax.model.layers import Proj, apply_rope, rope_angles
 from clp_jax.model.numerics import NEG_LOGIT as NEG_INF  # finite: fully masked rows stay NaN-free
 
@@ -28,13 +28,15 @@ class Attention(nnx.Module):
                       out_axes=("embed",), **kw)  # [D, N, H]
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 kv_valid: jax.Array | None = None, cols: bool = False
+                 kv_valid: jax.Array | None = None, cols: bool = False, tree: Tree | None = None
                  ) -> tuple[jax.Array, LayerCache | None]:
         """Attends x [B, T, D] (or [D, B, T] with `cols`) at positions [B, T]; output in x's layout.
 
         With a cache, the new keys/values are scattered into it first and queries attend over the
         whole cache [B, S] masked by `kv_pos <= q_pos`. Without one, queries attend over the T new
         keys, causally by position, and additionally where `kv_valid [B, T]` (padding mask) is true.
+        With a `tree` (and a cache), queries attend over the committed cache (below `tree.base`) and over
+        the T new keys where `tree.ancestors` says, and only `tree.cached` slots are written.
         """
         cfg = self.cfg
         B, T = positions.shape
@@ -51,6 +53,8 @@ class Attention(nnx.Module):
             k = apply_rope(self.k.rows(x), sin, cos)  # [B, T, K, H]
             v = self.v.rows(x)  # [B, T, K, H]
             q = q.reshape(B, T, K, G, H)
+        if tree is not None:
+            return self._tree(q, k, v, cache, positions, tree, cols)
         if cache is not None:
             cache = cache.write(positions, k, v)
             k, v = cache.k, cache.v  # [B, S, K, H]
@@ -70,6 +74,28 @@ class Attention(nnx.Module):
         if cols:
             return self.o.cols(out.reshape(cfg.num_heads, H, B, T)), cache  # [D, B, T]
         return self.o.rows(out.reshape(B, T, cfg.num_heads, H)), cache  # [B, T, D]
+
+
+    def _tree(self, q, k, v, cache: LayerCache, positions, tree: Tree, cols: bool):
+        """The tree pass: softmax over [committed cache ; the fed slots' own keys], each masked apart."""
+        cfg = self.cfg
+        B, T = positions.shape
+        H = cfg.head_dim
+        cache = cache.write(jnp.where(tree.cached, positions, cache.k.shape[1]), k, v)  # past the cache: dropped
+        committed = (jnp.arange(cache.k.shape[1])[None, :] < tree.base[:, None])[:, None, :]  # [B, 1, S]
+        q_spec = "KGHBT" if cols else "BTKGH"
+        dt = q.dtype
+        s_cache = jnp.einsum(f"{q_spec},BSKH->BKGTS", q, cache.k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
+        s_tree = jnp.einsum(f"{q_spec},BUKH->BKGTU", q, k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
+        s_cache = jnp.where(committed[:, None, None], s_cache, NEG_INF)
+        s_tree = jnp.where(tree.ancestors[:, None, None], s_tree, NEG_INF)
+        S = s_cache.shape[-1]
+        probs = jax.nn.softmax(jnp.concatenate([s_cache, s_tree], -1), axis=-1).astype(dt)  # [B, K, G, T, S+T]
+        out = (jnp.einsum(f"BKGTS,BSKH->{q_spec}", probs[..., :S], cache.v.astype(dt))
+               + jnp.einsum(f"BKGTU,BUKH->{q_spec}", probs[..., S:], v.astype(dt)))
+        if cols:
+            return self.o.cols(out.reshape(cfg.num_heads, H, B, T)), cache
+        return self.o.rows(out.reshape(B, T, cfg.num_heads, H)), cache
 
 
 def _rope_cols(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:

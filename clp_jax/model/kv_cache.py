@@ -10,6 +10,7 @@ are never read and are simply overwritten by the next write at those positions.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,17 @@ class LayerCache:
         k = self.k.at[rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
         v = self.v.at[rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
         return LayerCache(k, v)
+
+
+class Tree(NamedTuple):
+    """A draft tree fed in one pass (decode/verify.py): its slots sit at positions by depth, so siblings share
+    a position. Each slot attends to the cache below `base` (the committed prefix) and to the fed slots
+    `ancestors` marks (itself included); only the `cached` slots (one path, no two at a position) write their
+    keys and values into the cache, the others' are dropped."""
+
+    base: jax.Array  # [B] cache positions below this are committed
+    ancestors: jax.Array  # [B, T, T] bool: slot t attends to slot u
+    cached: jax.Array  # [B, T] bool: slot t's keys and values are written at its position
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> tuple[LayerCache, ...]:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from clp_jax.model.attention import Attention
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.kv_cache import LayerCache, Tree
 from clp_jax.model.layers import MLP, Proj, RMSNorm, logical
 
 LAYOUT_ENV = "CLP_MATMUL_LAYOUT"
@@ -79,11 +79,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.jnp_dtype,
                        param_dtype=cfg.jnp_param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, kv_valid=None, cols: bool = False):
+    def __call__(self, x, positions, cache, kv_valid=None, cols: bool = False, tree: Tree | None = None):
         """x [B, T, D], or [D, B, T] with `cols`; returned in the same layout."""
         axis = 0 if cols else -1
         with jax.named_scope("attn"):
-            h, cache = self.attn(self.attn_norm(x, axis), positions, cache, kv_valid, cols)
+            h, cache = self.attn(self.attn_norm(x, axis), positions, cache, kv_valid, cols, tree)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.mlp_norm(x, axis), cols)
@@ -108,7 +108,7 @@ class Qwen2(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: tuple[LayerCache, ...] | None = None,
-                 kv_valid: jax.Array | None = None):
+                 kv_valid: jax.Array | None = None, tree: Tree | None = None):
         """Runs the trunk.
 
         Args:
@@ -116,6 +116,7 @@ class Qwen2(nnx.Module):
           positions: [B, T] absolute positions (per row; also where the KV entries are written).
           cache: per-layer caches, or None for a cache-free causal pass.
           kv_valid: [B, T] padding mask for the cache-free pass (True = real token).
+          tree: a draft tree's masks (kv_cache.Tree; with a cache): positions are then by depth.
         Returns:
           (hidden [B, T, D] after the final norm, updated cache or None).
         """
@@ -128,13 +129,17 @@ class Qwen2(nnx.Module):
             positions = jnp.pad(positions, pad, constant_values=PAD_SENTINEL)
             if kv_valid is not None:
                 kv_valid = jnp.pad(kv_valid, pad, constant_values=False)
+            if tree is not None:  # padding slots see only themselves and write nothing
+                eye = jnp.eye(width, dtype=bool)[None]
+                tree = Tree(tree.base, jnp.pad(tree.ancestors, ((0, 0), (0, width - T), (0, width - T))) | eye,
+                            jnp.pad(tree.cached, pad, constant_values=False))
         x = self.embed(tokens)  # [B, T, D]
         if cols:
             x = x.transpose(2, 0, 1)  # [D, B, T], kept so through every layer
         new_cache = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, layer_cache = layer(x, positions, None if cache is None else cache[i], kv_valid, cols)
+                x, layer_cache = layer(x, positions, None if cache is None else cache[i], kv_valid, cols, tree)
             new_cache.append(layer_cache)
         hidden = self.final_norm(x, 0 if cols else -1)
         if cols:
