@@ -101,7 +101,7 @@ def run(args) -> int:
     batches = [encoded[i:i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
 
     if args.compare:
-        ar = Decoder(backbone.model, None, dc.replace(mode="ar"), backbone.eos_token_ids)
+        ar = Decoder(backbone.model, None, dc.replace(mode="ar", tree=0), backbone.eos_token_ids)
         return report.compare(decoder, ar, batches, tok, seed=args.seed, repeats=args.repeats)
     stream = len(encoded) == 1
     results = []
