@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/scaling")
     ap.add_argument("--set", action="append", default=[], help="more train.py overrides (repeatable)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)  # the overrides size the steps too (run.batch_size, run.window)
     sizes = [int(float(x)) for x in args.targets.split(",")]
     os.makedirs(args.out, exist_ok=True)
     rows = []
