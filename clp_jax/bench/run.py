@@ -168,16 +168,12 @@ def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
 def clock_of(decoder: Decoder, runs: Sequence[Run]) -> dict | None:
     """A mode's ms per loop pass over its runs, on the clock and as its pass-cost table models them (the
     overhead per pass included), or None (ar, a given table)."""
-    checks = [decoder.clock_check(r.result, 1, r.capacity) for r in runs if r.result is not None and r.capacity]
-    checks = [c for c in checks if c is not None]
-    if not checks:
+    c = pass_costs.ClockCheck.combine(
+        decoder.clock_check(r.result, 1, r.capacity) for r in runs if r.result is not None and r.capacity)
+    if c is None:
         return None
-    passes = sum(c.passes for c in checks)
-    clock = sum(c.clock_ms * c.passes for c in checks) / passes
-    modelled = sum(c.modelled_ms * c.passes for c in checks) / passes
-    return {"passes": passes, "clock_ms_per_pass": round(clock, 2), "modelled_ms_per_pass": round(modelled, 2),
-            "error": round(modelled / clock - 1.0, 4),
-            "overhead_ms_per_pass": round(sum(c.overhead_ms * c.passes for c in checks) / passes, 2)}
+    return {"passes": c.passes, "clock_ms_per_pass": round(c.clock_ms, 2), "modelled_ms_per_pass": round(c.modelled_ms, 2),
+            "error": round(c.error, 4), "overhead_ms_per_pass": round(c.overhead_ms, 2)}
 
 
 def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | None) -> dict:

@@ -147,13 +147,8 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats:
 
 def clock_line(checks: Sequence[pass_costs.ClockCheck]) -> str:
     """The runs' ms per loop pass on the clock against the pass-cost table's model ('' without checks)."""
-    passes = sum(c.passes for c in checks)
-    if not passes:
-        return ""
-    clock = sum(c.clock_ms * c.passes for c in checks) / passes
-    modelled = sum(c.modelled_ms * c.passes for c in checks) / passes
-    over = sum(c.overhead_ms * c.passes for c in checks) / passes
-    return pass_costs.ClockCheck(passes, clock, modelled, over).format()
+    check = pass_costs.ClockCheck.combine(checks)
+    return check.format() if check else ""
 
 
 def why_slower(mode: str, results: Sequence[DecodeResult], costs) -> str:

@@ -387,6 +387,16 @@ class ClockCheck:
         """modelled / clock - 1."""
         return self.modelled_ms / max(self.clock_ms, 1e-9) - 1.0
 
+    @classmethod
+    def combine(cls, checks) -> "ClockCheck | None":
+        """Several runs' checks as one, weighted by their passes (None: no passes)."""
+        checks = [c for c in checks if c is not None]
+        n = sum(c.passes for c in checks)
+        if not n:
+            return None
+        mean = lambda f: sum(f(c) * c.passes for c in checks) / n  # noqa: E731
+        return cls(n, mean(lambda c: c.clock_ms), mean(lambda c: c.modelled_ms), mean(lambda c: c.overhead_ms))
+
     def format(self) -> str:
         return (f"ms per pass: clock {self.clock_ms:.1f}, modelled {self.modelled_ms:.1f} ({100 * self.error:+.1f}%; "
                 f"of which {self.overhead_ms:.1f} ms outside the backbone and drafter, measured from earlier "
