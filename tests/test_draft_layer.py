@@ -161,7 +161,8 @@ def test_draft_cache_shape(model):
     heads = draft_heads(model)
     (cache,) = heads.init_cache(2, 48, jnp.float32)
     assert isinstance(cache, LayerCache)
-    assert cache.k.shape == (2, 48, model.cfg.num_kv_heads, model.cfg.head_dim)
+    assert cache.k.shape == (2, model.cfg.num_kv_heads, model.cfg.head_dim, 48)
+    assert cache.v.shape == (2, model.cfg.num_kv_heads, 48, model.cfg.head_dim)
     assert Heads(HeadsConfig.for_backbone(model.cfg, k=2), rngs=nnx.Rngs(0)).init_cache(2, 48) == ()
 
 

@@ -56,7 +56,8 @@ def test_a_sibling_sees_its_own_path_and_writes_nothing(model, siblings):
         second, _ = _pass(model, prompt, [bonus, d1, s2], [6, 7, 8])
         np.testing.assert_allclose(got[4], second[2], atol=2e-5)
     for layer, ref in zip(cache, chain_cache):
-        np.testing.assert_allclose(np.asarray(layer.k[0, :9]), np.asarray(ref.k[0, :9]), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(layer.k[0, ..., :9]), np.asarray(ref.k[0, ..., :9]), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(layer.v[0, :, :9]), np.asarray(ref.v[0, :, :9]), atol=2e-5)
 
 
 @pytest.mark.parametrize("budget", ["fixed", "auto"])

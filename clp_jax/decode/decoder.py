@@ -238,12 +238,11 @@ class Decoder:
         def put(big, small):
             if big.ndim == 0:  # the step counter and the RNG key stay the batch's
                 return big
-            if big.shape[1:] == small.shape[1:]:
-                return big.at[rows].set(small, mode="drop")
-            cols = jnp.arange(small.shape[1])  # the KV cache: [R, P, ...] into [B, S, ...]
-            return big.at[rows[:, None], cols[None, :]].set(small, mode="drop")
+            return big.at[rows].set(small, mode="drop")
 
-        return jax.tree.map(put, st, sub).replace(rng=rng)
+        cache = tuple(big.put_rows(rows, small) for big, small in zip(st.cache, sub.cache))  # [R, K, P, H] in
+        rest = jax.tree.map(put, st.replace(cache=()), sub.replace(cache=()))
+        return rest.replace(cache=cache, rng=rng)
 
     def _run_impl(self, model_state, heads_state, st: DecodeState, stop_at):
         model, heads = self._merge_model_and_heads(model_state, heads_state)

@@ -46,7 +46,7 @@ from clp_jax.weights.assets import cache_dir
 log = logging.getLogger(__name__)
 
 SHALLOW_LAYERS = 4  # layers of the timed trunk copy (the per-layer cost is scaled to the full depth)
-VERSION = 4
+VERSION = 5  # 5: the KV cache in the layout of its dots (model/kv_cache.py): every pass got cheaper
 MIN_CACHE_BUCKET = 128
 OVERHEAD_RATE = 0.5  # running mean of the measured per-pass overhead: weight of the newest run
 MIN_CLOCK_PASSES = 8  # runs with fewer loop passes say too little about the overhead to be recorded

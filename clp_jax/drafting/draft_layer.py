@@ -30,7 +30,7 @@ from flax import nnx
 
 from clp_jax.model.attention import NEG_INF
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.kv_cache import LayerCache
+from clp_jax.model.kv_cache import LayerCache, empty_layer_cache
 from clp_jax.model.layers import RMSNorm, apply_rope, logical, rope_angles
 from clp_jax.model.qwen2 import DecoderLayer
 
@@ -87,9 +87,8 @@ class DraftLayer(nnx.Module):
     follows_t1 = True  # step 1 reads Embed(t1)
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> tuple:
-        """One layer's KV cache [B, capacity, K, H]."""
-        shape = (batch, capacity, self.cfg.num_kv_heads, self.cfg.head_dim)
-        return (LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),)
+        """One layer's KV cache [B, K, capacity, H]."""
+        return (empty_layer_cache(self.cfg, batch, capacity, dtype),)
 
     def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick, logits_fn):
         """The chain of k drafts after the anchor slot: one pass over the fed chunk writes the committed

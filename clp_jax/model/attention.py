@@ -47,55 +47,51 @@ class Attention(nnx.Module):
             q = _rope_cols(self.q.cols(x), sin_c, cos_c)  # [N, H, B, T]
             k = _rope_cols(self.k.cols(x), sin_c, cos_c).transpose(2, 3, 0, 1)  # [B, T, K, H]
             v = self.v.cols(x).transpose(2, 3, 0, 1)  # [B, T, K, H]
-            q = q.reshape(K, G, H, B, T)
+            q = q.reshape(K, G, H, B, T).transpose(3, 0, 1, 4, 2)  # [B, K, G, T, H]
         else:
             q = apply_rope(self.q.rows(x), sin, cos)  # [B, T, N, H]
             k = apply_rope(self.k.rows(x), sin, cos)  # [B, T, K, H]
             v = self.v.rows(x)  # [B, T, K, H]
-            q = q.reshape(B, T, K, G, H)
+            q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
         if tree is not None:
-            return self._tree(q, k, v, cache, positions, tree, cols)
-        if cache is not None:
-            cache = cache.write(positions, k, v)
-            k, v = cache.k, cache.v  # [B, S, K, H]
-            kv_pos = jnp.arange(k.shape[1])[None, :]  # [1, S]
+            out, cache = self._tree(q, k, v, cache, positions, tree)
         else:
-            kv_pos = positions  # [B, S=T]
-        mask = kv_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
-        if kv_valid is not None:
-            mask &= kv_valid[:, None, :]
-
-        q_spec = "KGHBT" if cols else "BTKGH"
-        scores = jnp.einsum(f"{q_spec},BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * (H ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum(f"BKGTS,BSKH->{q_spec}", probs, v.astype(q.dtype))
+            if cache is not None:
+                cache = cache.write(positions, k, v)
+                keys, values = cache.k, cache.v  # [B, K, H, S], [B, K, S, H]
+                kv_pos = jnp.arange(cache.capacity)[None, :]  # [1, S]
+            else:
+                keys, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, S=T], [B, K, S=T, H]
+                kv_pos = positions  # [B, S=T]
+            mask = kv_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+            if kv_valid is not None:
+                mask &= kv_valid[:, None, :]
+            # batch and KV head lead every operand, as the cache lies: XLA copies nothing before the dots
+            scores = jnp.einsum("BKGTH,BKHS->BKGTS", q, keys.astype(q.dtype)).astype(jnp.float32)
+            scores = jnp.where(mask[:, None, None], scores * (H ** -0.5), NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
+            out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, values.astype(q.dtype))  # [B, K, G, T, H]
         if cols:
-            return self.o.cols(out.reshape(cfg.num_heads, H, B, T)), cache  # [D, B, T]
-        return self.o.rows(out.reshape(B, T, cfg.num_heads, H)), cache  # [B, T, D]
+            out = out.transpose(1, 2, 4, 0, 3).reshape(cfg.num_heads, H, B, T)
+            return self.o.cols(out), cache  # [D, B, T]
+        return self.o.rows(out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads, H)), cache  # [B, T, D]
 
-
-    def _tree(self, q, k, v, cache: LayerCache, positions, tree: Tree, cols: bool):
-        """The tree pass: softmax over [committed cache ; the fed slots' own keys], each masked apart."""
-        cfg = self.cfg
-        B, T = positions.shape
-        H = cfg.head_dim
-        cache = cache.write(jnp.where(tree.cached, positions, cache.k.shape[1]), k, v)  # past the cache: dropped
-        committed = (jnp.arange(cache.k.shape[1])[None, :] < tree.base[:, None])[:, None, :]  # [B, 1, S]
-        q_spec = "KGHBT" if cols else "BTKGH"
+    def _tree(self, q, k, v, cache: LayerCache, positions, tree: Tree) -> tuple[jax.Array, LayerCache]:
+        """The tree pass: softmax over [committed cache ; the fed slots' own keys], each masked apart.
+        q [B, K, G, T, H], k and v [B, T, K, H] -> ([B, K, G, T, H], the cache with the cached slots written)."""
+        H = self.cfg.head_dim
+        cache = cache.write(jnp.where(tree.cached, positions, cache.capacity), k, v)  # past the cache: dropped
+        committed = (jnp.arange(cache.capacity)[None, :] < tree.base[:, None])[:, None, :]  # [B, 1, S]
         dt = q.dtype
-        s_cache = jnp.einsum(f"{q_spec},BSKH->BKGTS", q, cache.k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
-        s_tree = jnp.einsum(f"{q_spec},BUKH->BKGTU", q, k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
+        s_cache = jnp.einsum("BKGTH,BKHS->BKGTS", q, cache.k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
+        s_tree = jnp.einsum("BKGTH,BUKH->BKGTU", q, k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
         s_cache = jnp.where(committed[:, None, None], s_cache, NEG_INF)
         s_tree = jnp.where(tree.ancestors[:, None, None], s_tree, NEG_INF)
         S = s_cache.shape[-1]
         probs = jax.nn.softmax(jnp.concatenate([s_cache, s_tree], -1), axis=-1).astype(dt)  # [B, K, G, T, S+T]
-        out = (jnp.einsum(f"BKGTS,BSKH->{q_spec}", probs[..., :S], cache.v.astype(dt))
-               + jnp.einsum(f"BKGTU,BUKH->{q_spec}", probs[..., S:], v.astype(dt)))
-        if cols:
-            return self.o.cols(out.reshape(cfg.num_heads, H, B, T)), cache
-        return self.o.rows(out.reshape(B, T, cfg.num_heads, H)), cache
+        out = (jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S], cache.v.astype(dt))
+               + jnp.einsum("BKGTU,BUKH->BKGTH", probs[..., S:], v.astype(dt)))
+        return out, cache
 
 
 def _rope_cols(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
