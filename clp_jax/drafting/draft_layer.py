@@ -87,7 +87,8 @@ class DraftLayer(nnx.Module):
     follows_t1 = True  # step 1 reads Embed(t1)
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> tuple:
-        """One layer's KV cache [B, K, capacity, H]."""
+        """One layer's KV cache (`kv_cache.empty_layer_cache`: keys [B, K, H, capacity], values
+        [B, K, capacity, H])."""
         return (empty_layer_cache(self.cfg, batch, capacity, dtype),)
 
     def draft(self, backbone, hidden, next_tokens, positions, anchor, k, cache, pick, logits_fn):
