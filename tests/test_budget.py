@@ -176,30 +176,36 @@ def test_tables_are_timed_at_the_cache_length_decoding_uses(model, monkeypatch, 
 
 
 def test_the_overhead_per_pass_is_measured_from_the_clock_and_included(model, monkeypatch, tmp_path):
-    """A run's clock minus the table's backbone and drafting, per pass, becomes the table's overhead (a running
-    mean, never negative); later tables include it in every pass's cost; short runs and runs of another table
-    are not recorded."""
+    """A run's clock minus the table's backbone and drafting, per pass, in units of an ar pass timed beside it,
+    becomes the table's overhead (a running mean, never negative); later tables include it in every pass's
+    cost; short runs, runs held to the table's own unit and runs of another table are not recorded."""
     monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
     a = pass_costs.load_or_measure(model, None, max_width=3, rounds=2)
     assert a.overhead == 0.0 and a.pass_cost(2) == a.width[1]
+    unit = 2.0 * a.ms  # the machine runs at half the speed it had when the table was timed
     units = 40 * a.width[1]  # 40 two-slot passes
-    check = pass_costs.clock_check(a, units, 40, 40 * (a.width[1] * a.ms + 3.0) / 1e3)  # 3 ms more per pass
-    assert check.clock_ms == pytest.approx(a.width[1] * a.ms + 3.0) and check.overhead_ms == 0.0
-    assert check.error < 0 and "clock" in check.format()
-    assert pass_costs.record_clock(model, 1, 128, a, check) == pytest.approx(3.0)
+    seconds = 40 * (a.width[1] * unit + 3.0) / 1e3  # 3 ms more per pass
+    check = pass_costs.clock_check(a, units, 40, seconds, unit)
+    assert check.clock_ms == pytest.approx(a.width[1] * unit + 3.0) and check.overhead_ms == 0.0
+    assert check.unit == "ar" and check.unit_ms == unit and check.error < 0 and "clock" in check.format()
+    on_table = pass_costs.clock_check(a, units, 40, seconds)  # the table's unit reads the drift as overhead
+    assert on_table.unit == "table" and on_table.modelled_ms == pytest.approx(a.width[1] * a.ms)
+    assert pass_costs.record_clock(model, 1, 128, a, on_table) is None
+    assert pass_costs.record_clock(model, 1, 128, a, check) == pytest.approx(3.0 / unit)
     b = pass_costs.load_or_measure(model, None, max_width=3, rounds=2)
-    assert b.overhead == pytest.approx(3.0 / a.ms) and b.pass_cost(2) == pytest.approx(b.width[1] + 3.0 / a.ms)
+    assert b.overhead == pytest.approx(3.0 / unit, rel=1e-3)
+    assert b.pass_cost(2) == pytest.approx(b.width[1] + 3.0 / unit, rel=1e-3)
     # the model now agrees with that clock: b's units include the overhead
-    same = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, check.clock_ms * 40 / 1e3)
-    assert abs(same.error) < 1e-6 and same.overhead_ms == pytest.approx(3.0)
-    faster = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * (b.width[1] * b.ms + 1.0) / 1e3)
+    same = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, seconds, unit)
+    assert abs(same.error) < 1e-3 and same.overhead_ms == pytest.approx(3.0, rel=1e-3)
+    faster = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * (b.width[1] * unit + 1.0) / 1e3, unit)
     assert pass_costs.record_clock(model, 1, 128, b, faster) == pytest.approx(
-        (1 - pass_costs.OVERHEAD_RATE) * 3.0 + pass_costs.OVERHEAD_RATE * 1.0)
-    never_negative = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * 0.5 * b.ms / 1e3)
+        ((1 - pass_costs.OVERHEAD_RATE) * 3.0 + pass_costs.OVERHEAD_RATE * 1.0) / unit, rel=1e-3)
+    never_negative = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * 0.5 * unit / 1e3, unit)
     for _ in range(8):
         got = pass_costs.record_clock(model, 1, 128, b, never_negative)
     assert got == 0.0
-    short = pass_costs.clock_check(b, 4 * b.pass_cost(2), 4, 4 * 2 * b.ms / 1e3)
+    short = pass_costs.clock_check(b, 4 * b.pass_cost(2), 4, 4 * 2 * unit / 1e3, unit)
     assert pass_costs.record_clock(model, 1, 128, b, short) is None
     other = dataclasses.replace(b, ms=b.ms * 2)
     assert pass_costs.record_clock(model, 1, 128, other, check) is None
@@ -207,22 +213,25 @@ def test_the_overhead_per_pass_is_measured_from_the_clock_and_included(model, mo
         dataclasses.replace(b, overhead=-0.1)
 
 
-def test_a_decoder_holds_its_runs_against_the_clock_and_records_them(model, monkeypatch, tmp_path):
+def test_a_decoder_holds_its_runs_against_an_ar_pass_and_records_them(model, monkeypatch, tmp_path):
     monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path))
     heads = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer"), rngs=nnx.Rngs(0))
     dec = Decoder(model, heads, DecodeConfig(mode="verify", k=2, max_new_tokens=24))
+    ar = Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=24))
     prompt = [[3, 5, 7, 9, 11]]
-    dec.generate(prompt)  # compiles: its clock is not recorded
+    assert dec.generate(prompt).compiled and ar.generate(prompt).compiled
     table = pass_costs.table_path(pass_costs.table_key(model, 1, dec.capacity_for(prompt)))
-    assert "overhead_ms" not in json.loads(open(table).read())
-    res = dec.generate(prompt)
-    check = dec.clock_check(res, 1, dec.capacity_for(prompt))
+    res, ref = dec.generate(prompt), ar.generate(prompt)
+    assert not res.compiled
+    assert "overhead" not in json.loads(open(table).read())  # generate alone records nothing
+    check = dec.clock_check(res, 1, dec.capacity_for(prompt), ref.ms_per_pass)
     assert check.passes == int(res.passes[0]) - 1 >= pass_costs.MIN_CLOCK_PASSES
     assert check.clock_ms == pytest.approx(1e3 * res.decode_seconds / check.passes)
-    assert check.modelled_ms == pytest.approx(dec.costs(1, 64).ms * float(res.cost[0]) / check.passes, rel=1e-6)
+    assert check.modelled_ms == pytest.approx(ref.ms_per_pass * float(res.cost[0]) / check.passes, rel=1e-6)
+    assert dec.record_clock(res, 1, dec.capacity_for(prompt), ref.ms_per_pass) >= 0.0
     entry = json.loads(open(table).read())
-    assert entry["overhead_runs"] == 1 and entry["overhead_ms"] >= 0.0
-    assert Decoder(model, None, DecodeConfig(mode="ar", max_new_tokens=4)).clock_check(res, 1, 64) is None
+    assert entry["overhead_runs"] == 1 and entry["overhead"] >= 0.0
+    assert ar.clock_check(res, 1, 64) is None
 
 
 def test_a_new_drafter_keeps_the_width_table_and_a_stale_table_is_retimed(model, monkeypatch, tmp_path):

@@ -76,8 +76,9 @@ def markdown(report: dict) -> str:
                     + (f" {pc['stale'][0].upper()}{pc['stale'][1:]}." if pc.get("stale") else ""))
     clocks = [(label, m["clock"]) for label, m in modes.items() if m.get("clock")]
     if clocks:
-        foot.append("Ms per loop pass, clock / modelled by the pass-cost table (its per-pass overhead, measured from "
-                    "earlier runs' clocks, included): " + "; ".join(
+        foot.append("Ms per loop pass, clock / modelled by the pass-cost table in units of the `ar` pass of the same "
+                    "prompt, timed beside it (the table's per-pass overhead, measured from earlier runs' clocks, "
+                    "included): " + "; ".join(
                         f"{label} {c['clock_ms_per_pass']:.1f} / {c['modelled_ms_per_pass']:.1f} "
                         f"({100 * c['error']:+.1f}%, overhead {c['overhead_ms_per_pass']:.1f})" for label, c in clocks)
                     + ".")

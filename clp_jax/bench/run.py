@@ -165,15 +165,24 @@ def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
                int(res.passes.sum()), res.offered.sum(0), res.accepted.sum(0), res, decoder.capacity_for([ids]))
 
 
-def clock_of(decoder: Decoder, runs: Sequence[Run]) -> dict | None:
+def clock_of(decoder: Decoder, runs: Sequence[Run], ar_runs: Sequence[Run]) -> dict | None:
     """A mode's ms per loop pass over its runs, on the clock and as its pass-cost table models them (the
-    overhead per pass included), or None (ar, a given table)."""
-    c = pass_costs.ClockCheck.combine(
-        decoder.clock_check(r.result, 1, r.capacity) for r in runs if r.result is not None and r.capacity)
+    overhead per pass included), each run in units of the `ar` run of its prompt (timed beside it), or None
+    (ar, a given table). Runs that did not compile fold their overhead into the table for later decoders."""
+    checks = []
+    for r, a in zip(runs, ar_runs):
+        if r.result is None or not r.capacity:
+            continue
+        unit = a.result.ms_per_pass if a.result is not None else None
+        checks.append(decoder.clock_check(r.result, 1, r.capacity, unit))
+        if unit and not r.result.compiled:
+            decoder.record_clock(r.result, 1, r.capacity, unit)
+    c = pass_costs.ClockCheck.combine(checks)
     if c is None:
         return None
     return {"passes": c.passes, "clock_ms_per_pass": round(c.clock_ms, 2), "modelled_ms_per_pass": round(c.modelled_ms, 2),
-            "error": round(c.error, 4), "overhead_ms_per_pass": round(c.overhead_ms, 2)}
+            "error": round(c.error, 4), "overhead_ms_per_pass": round(c.overhead_ms, 2),
+            "unit_ms": round(c.unit_ms, 2), "unit": c.unit}
 
 
 def summarize(runs: Sequence[Run], ref: Sequence[Run], passed: Sequence[bool] | None) -> dict:
@@ -374,7 +383,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
             m["sets"][name] = {key: sub[key] for key in ("speedup", "exact_match", "tokens_per_pass", "head_acceptance",
                                                          "policy", "pass_at_1") if key in sub}
         if label in decoders:
-            m["clock"] = clock_of(decoders[label], rs)
+            m["clock"] = clock_of(decoders[label], rs, runs["ar"])
             m["compile_seconds"] = decoders[label].compile_seconds
             m["memory_bytes"] = decoders[label].memory_bytes()
         if label in ("vllm_mtp", "vllm_ngram"):  # passes and acceptance from vLLM's counters (over all prompts)

@@ -33,6 +33,7 @@ from clp_jax.decode.budget import PROBE_EVERY
 from clp_jax.decode.modes import make_mode
 from clp_jax.decode.protocol import Step
 from clp_jax.decode.state import DRAFT_BUDGETS, DRAFT_SOURCES, MODES, DecodeConfig, DecodeState  # noqa: F401
+from clp_jax.model import kv_cache
 from clp_jax.model.kv_cache import init_cache
 from clp_jax.model.numerics import acceptance_ratio
 from clp_jax.model.qwen2 import Qwen2
@@ -61,10 +62,16 @@ class DecodeResult:
     hidden: list[np.ndarray] | None = None  # [L, D] bf16
     topk_ids: list[np.ndarray] | None = None  # [L, K] (rows before the last prompt position are zero)
     topk_probs: list[np.ndarray] | None = None  # [L, K]
+    compiled: bool = False  # the loop compiled during the run (decode_seconds excludes it; its clock is rough)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
+
+    @property
+    def ms_per_pass(self) -> float:
+        """Decoding ms per batched loop pass (the prefill excluded)."""
+        return 1e3 * self.decode_seconds / max(int(self.passes.max()) - 1, 1)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -166,14 +173,24 @@ class Decoder:
                     remeasure=self._remeasure, cache_len=key[1])
         return self._costs[key]
 
-    def clock_check(self, result: "DecodeResult", batch: int, cache_len: int) -> pass_costs.ClockCheck | None:
-        """The run's loop passes on the clock against the pass-cost table's model of them (None for `ar` or a
-        given table)."""
+    def clock_check(self, result: "DecodeResult", batch: int, cache_len: int,
+                    unit_ms: float | None = None) -> pass_costs.ClockCheck | None:
+        """The run's loop passes on the clock against the pass-cost table's model of them, in units of
+        `unit_ms` (an `ar` pass timed beside the run) or of the table's one-slot pass (None for `ar` or a given
+        table)."""
         if self.dc.mode == "ar" or result.cost is None or not len(result.passes):
             return None
         costs = self.costs(batch, cache_len)
         passes = int(result.passes.max()) - 1  # batched loop steps: the prefill is not one
-        return pass_costs.clock_check(costs, float(result.cost.max()), passes, result.decode_seconds)
+        return pass_costs.clock_check(costs, float(result.cost.max()), passes, result.decode_seconds, unit_ms)
+
+    def record_clock(self, result: "DecodeResult", batch: int, cache_len: int, unit_ms: float) -> float | None:
+        """Folds a run timed beside `ar` (`unit_ms`: its ms per pass) into this machine's table: the overhead per
+        pass outside the backbone and drafter that later decoders include (decode/pass_costs.py)."""
+        if self._costs_given is not None:
+            return None
+        return pass_costs.record_clock(self._model, batch, cache_len, self.costs(batch, cache_len),
+                                       self.clock_check(result, batch, cache_len, unit_ms))
 
     def _after_pass(self, batch: int, cache_len: int) -> AfterPass:
         costs = self.costs(batch, cache_len)
@@ -255,22 +272,47 @@ class Decoder:
         def cond(s):
             return (s.steps < stop_at) & ~jnp.all(s.done)
 
-        def feed(s, w):
+        def chunk_of(s, w):
+            """The w slots each row feeds: tokens [B, w], positions [B, w] and a draft tree's masks (or None)."""
             positions = s.fed[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B, w] where the chunk sits in buf
             chunk = jnp.take_along_axis(s.buf, jnp.clip(positions, 0, S - 1), axis=1)
-            tree_masks = None
+            masks = None
             if self.dc.tree:  # siblings at their depth's position, masked to their own path
-                positions, tree_masks = tree.tree_pass(s.fed, s.length, s.n_draft, s.n_tree, w)
-            hidden, cache = model(chunk, positions, s.cache, tree=tree_masks)
+                positions, masks = tree.tree_pass(s.fed, s.length, s.n_draft, s.n_tree, w)
+            return chunk, positions, masks
+
+        def feed(s, w):
+            """One pass of w slots per row that writes its entries into the cache as it attends (in place)."""
+            chunk, positions, masks = chunk_of(s, w)
+            hidden, cache = model(chunk, positions, s.cache, tree=masks)
             s = s.replace(cache=cache)
             return after_pass(model, heads, s, Step(hidden, chunk, positions, s.length - s.fed - 1, kernel))
 
+        def feed_reading(rest, cache, w):
+            """A branch of the width switch: one pass of w slots per row that only reads the cache; returns
+            the state after it (its cache left out) and the chunk's new entries with where to write them,
+            padded to W slots (past the cache: dropped), so that every branch returns the same shapes."""
+            chunk, positions, masks = chunk_of(rest, w)
+            masks = kv_cache.chain(rest.fed, w) if masks is None else masks
+            hidden, entries = model(chunk, positions, cache, tree=masks, write=False)  # [B, w, K, H] per layer
+            rest = after_pass(model, heads, rest, Step(hidden, chunk, positions, rest.length - rest.fed - 1, kernel))
+            pad = ((0, 0), (0, W - w))
+            end = cache[0].capacity  # a write position past the cache: dropped
+            at = jnp.pad(jnp.where(masks.cached, positions, end), pad, constant_values=end)  # [B, W]
+            entries = jax.tree.map(lambda x: jnp.pad(x, pad + ((0, 0),) * (x.ndim - 2)), entries)
+            return rest, entries, at
+
         def body(s):
             if self.dc.adaptive and W > 1:
+                # a branch that wrote the cache made XLA copy every layer's cache in and out of the switch
+                # (~35 ms per pass at batch 1): the branches read it, one scatter per layer follows
                 count = jnp.where(s.done, 1, s.length - s.fed + s.n_draft + s.n_tree)  # slots each row needs
                 branch = jnp.clip(jnp.max(count), 1, W) - 1
-                s = jax.lax.switch(branch, [functools.partial(feed, w=w) for w in range(1, W + 1)], s)
-            else:
+                cache, rest = s.cache, s.replace(cache=())
+                rest, entries, at = jax.lax.switch(
+                    branch, [functools.partial(feed_reading, w=w) for w in range(1, W + 1)], rest, cache)
+                s = rest.replace(cache=tuple(c.write(at, e.k, e.v) for c, e in zip(cache, entries)))
+            else:  # one width: the pass writes in place (deferred writes measured ~13% slower at batch 32)
                 s = feed(s, W)
             return s.replace(steps=s.steps + 1)
 
@@ -387,8 +429,7 @@ class Decoder:
         jax.block_until_ready(st.length)
         c2, t2 = self.compile_seconds, time.perf_counter()
         result = self.result_of(st, len(prompts), (t1 - t0) - (c1 - c0), (t2 - t1) - (c2 - c1))
-        if self._costs_given is None and self.dc.mode != "ar" and c2 == c1:  # a compiling run's clock says little
-            pass_costs.record_clock(self._model, B, S, self.costs(B, S), self.clock_check(result, B, S))
+        result.compiled = c2 != c1
         return result
 
     def result_of(self, st: DecodeState, n: int, prefill_seconds: float, decode_seconds: float) -> DecodeResult:

@@ -15,9 +15,11 @@ between widths, a shallow copy of the trunk (its first layers, same weights) and
 separately at each width, at the cache length decoding uses (attention reads the whole static
 cache, so a pass costs what its cache holds, not what is filled), interleaved over rounds, and takes medians:
 cost(w) = head(w) + L/n * layers_n(w); on a loaded machine load hits every width alike. The drafter is timed
-the same way. The overhead cannot be timed apart from a running loop, so it is measured from one: after each
-run, the decoder records its clock against the table's model (`record_clock`) and the table keeps a running
-mean of the difference per pass, which every later decoder includes. Tables live under
+the same way. The overhead cannot be timed apart from a running loop, so it is measured from one: a run timed
+beside `ar` (`decode.py --compare ar`, the bench) holds its clock against the table's model in units of `ar`'s
+pass of the same run (`clock_check`; this machine's speed drifts 15-25% within an hour, so the table's own
+unit, timed at another moment, cannot be), and the table keeps a running mean of the difference per pass
+(`record_clock`), which every later decoder includes. Tables live under
 `cache_dir("pass_costs")`, one JSON file per device kind, backbone geometry, layout, dtype, batch and cache
 bucket; `load_or_measure` fills in what is missing and `remeasure=True` discards what is there.
 """
@@ -46,7 +48,7 @@ from clp_jax.weights.assets import cache_dir
 log = logging.getLogger(__name__)
 
 SHALLOW_LAYERS = 4  # layers of the timed trunk copy (the per-layer cost is scaled to the full depth)
-VERSION = 5  # 5: the KV cache in the layout of its dots (model/kv_cache.py): every pass got cheaper
+VERSION = 6  # 6: the overhead in one-slot passes, from runs whose unit (an ar pass) was timed beside them
 MIN_CACHE_BUCKET = 128
 OVERHEAD_RATE = 0.5  # running mean of the measured per-pass overhead: weight of the newest run
 MIN_CLOCK_PASSES = 8  # runs with fewer loop passes say too little about the overhead to be recorded
@@ -350,7 +352,7 @@ def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: 
         dws = sorted(set(int(w) for w in (d or {}).get("first", {})) | set(draft_widths) | {1}) if sig else ()
         new = measure(model, heads, widths, dws, batch, rounds, cache_bucket(cache_len))
         if need_w:
-            entry.pop("overhead_ms", None)  # measured against the old widths' clock
+            entry.pop("overhead", None)  # measured against the old widths' clock
             entry["ms"] = new["ms"]
             entry["width"] = {str(w): c for w, c in new["width"].items()}
             entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -361,7 +363,7 @@ def load_or_measure(model: Qwen2, heads=None, max_width: int = 4, draft_widths: 
     width = _interp(entry["width"], max_width)
     width = (1.0,) + width[1:]
     ms = float(entry["ms"] or 0.0)
-    overhead = float(entry.get("overhead_ms") or 0.0) / ms if ms else 0.0
+    overhead = float(entry.get("overhead") or 0.0)
     if sig is None:
         return PassCosts(width=width, ms=ms, overhead=overhead)
     d = entry["drafters"][sig]
@@ -379,8 +381,10 @@ class ClockCheck:
 
     passes: int  # loop passes (batched steps; the prefill excluded)
     clock_ms: float  # per pass, measured
-    modelled_ms: float  # per pass: the table's costs of what ran (backbone, drafting, overhead) x its one-slot ms
+    modelled_ms: float  # per pass: the table's costs of what ran (backbone, drafting, overhead) x unit_ms
     overhead_ms: float  # per pass, the part of modelled_ms the table puts outside the backbone and drafter
+    unit_ms: float = 0.0  # the one-slot pass the model is scaled by
+    unit: str = "table"  # where unit_ms comes from: "table" (timed with the table) or "ar" (this run's ar passes)
 
     @property
     def error(self) -> float:
@@ -395,37 +399,48 @@ class ClockCheck:
         if not n:
             return None
         mean = lambda f: sum(f(c) * c.passes for c in checks) / n  # noqa: E731
-        return cls(n, mean(lambda c: c.clock_ms), mean(lambda c: c.modelled_ms), mean(lambda c: c.overhead_ms))
+        units = {c.unit for c in checks}
+        return cls(n, mean(lambda c: c.clock_ms), mean(lambda c: c.modelled_ms), mean(lambda c: c.overhead_ms),
+                   mean(lambda c: c.unit_ms), units.pop() if len(units) == 1 else "mixed")
 
     def format(self) -> str:
+        unit = ("an ar pass timed in this run" if self.unit == "ar" else "the table's one-slot pass"
+                if self.unit == "table" else "mixed units")
         return (f"ms per pass: clock {self.clock_ms:.1f}, modelled {self.modelled_ms:.1f} ({100 * self.error:+.1f}%; "
-                f"of which {self.overhead_ms:.1f} ms outside the backbone and drafter, measured from earlier "
-                f"runs' clocks) over {self.passes} passes")
+                f"unit {self.unit_ms:.1f} ms: {unit}; of which {self.overhead_ms:.1f} ms outside the backbone and "
+                f"drafter, measured from earlier runs' clocks) over {self.passes} passes")
 
 
-def clock_check(costs: PassCosts, cost_units: float, passes: int, decode_seconds: float) -> ClockCheck | None:
+def clock_check(costs: PassCosts, cost_units: float, passes: int, decode_seconds: float,
+                unit_ms: float | None = None) -> ClockCheck | None:
     """A run against its table: `cost_units` the run's modelled cost of its `passes` loop passes in one-slot
-    passes (the batch's widest row: the loop runs at its cost), `decode_seconds` its clock. None without a
-    measured table or passes."""
+    passes (the batch's widest row: the loop runs at its cost), `decode_seconds` its clock. The unit is
+    `unit_ms` where given (an `ar` pass timed beside the run: this machine's speed drifts 15-25% within an
+    hour, so only a unit timed side by side can be held to a few percent), else the table's own one-slot pass.
+    None without a measured table or passes."""
     if not costs.ms or passes <= 0:
         return None
-    return ClockCheck(passes, 1e3 * decode_seconds / passes, costs.ms * cost_units / passes, costs.ms * costs.overhead)
+    unit, source = (unit_ms, "ar") if unit_ms else (costs.ms, "table")
+    return ClockCheck(passes, 1e3 * decode_seconds / passes, unit * cost_units / passes, unit * costs.overhead,
+                      unit, source)
 
 
 def record_clock(model: Qwen2, batch: int, cache_len: int, costs: PassCosts, check: ClockCheck | None) -> float | None:
-    """Folds one run's measured overhead per pass (clock - the table's backbone and drafting) into the table on
-    disk (a running mean), so later decoders include it; returns the new overhead in ms, or None when the run
-    is too short to say or the table on disk is not the one the run used."""
-    if check is None or check.passes < MIN_CLOCK_PASSES:
+    """Folds one run's measured overhead per pass (clock - the table's backbone and drafting, in units of the
+    check's one-slot pass) into the table on disk (a running mean), so later decoders include it; returns the
+    new overhead in one-slot passes, or None when the run is too short to say, its unit was not timed beside
+    it (`ar` in the same run: a table's unit timed at another hour would read the machine's drift as
+    overhead), or the table on disk is not the one the run used."""
+    if check is None or check.passes < MIN_CLOCK_PASSES or check.unit != "ar":
         return None
     path = table_path(table_key(model, batch, cache_len))
     entry = _read(path)
     if entry is None or abs(float(entry.get("ms") or 0.0) - costs.ms) > 1e-6:
         return None
-    seen = check.clock_ms - (check.modelled_ms - check.overhead_ms)  # this run's overhead per pass
-    old = entry.get("overhead_ms")
+    seen = (check.clock_ms - (check.modelled_ms - check.overhead_ms)) / check.unit_ms  # this run's, in units
+    old = entry.get("overhead")
     new = max(0.0, seen if old is None else (1 - OVERHEAD_RATE) * float(old) + OVERHEAD_RATE * seen)
-    entry["overhead_ms"] = round(new, 3)
+    entry["overhead"] = round(new, 5)
     entry["overhead_runs"] = int(entry.get("overhead_runs", 0)) + 1
     _write(path, entry)
     return new

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.kv_cache import LayerCache, Tree
+from clp_jax.model.kv_cache import KVEntries, LayerCache, Tree
 from clp_jax.model.layers import Proj, apply_rope, rope_angles
 from clp_jax.model.numerics import NEG_LOGIT as NEG_INF  # finite: fully masked rows stay NaN-free
-
 
 
 class Attention(nnx.Module):
@@ -28,15 +27,16 @@ class Attention(nnx.Module):
                       out_axes=("embed",), **kw)  # [D, N, H]
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 kv_valid: jax.Array | None = None, cols: bool = False, tree: Tree | None = None
-                 ) -> tuple[jax.Array, LayerCache | None]:
+                 kv_valid: jax.Array | None = None, cols: bool = False, tree: Tree | None = None,
+                 write: bool = True) -> tuple[jax.Array, LayerCache | KVEntries | None]:
         """Attends x [B, T, D] (or [D, B, T] with `cols`) at positions [B, T]; output in x's layout.
 
         With a cache, the new keys/values are scattered into it first and queries attend over the
         whole cache [B, S] masked by `kv_pos <= q_pos`. Without one, queries attend over the T new
         keys, causally by position, and additionally where `kv_valid [B, T]` (padding mask) is true.
         With a `tree` (and a cache), queries attend over the committed cache (below `tree.base`) and over
-        the T new keys where `tree.ancestors` says, and only `tree.cached` slots are written.
+        the T new keys where `tree.ancestors` says, and only `tree.cached` slots are written; with
+        `write=False` the cache is only read and the T new entries are returned (`KVEntries`) instead.
         """
         cfg = self.cfg
         B, T = positions.shape
@@ -54,7 +54,11 @@ class Attention(nnx.Module):
             v = self.v.rows(x)  # [B, T, K, H]
             q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
         if tree is not None:
-            out, cache = self._tree(q, k, v, cache, positions, tree)
+            out = self._tree(q, k, v, cache, tree)
+            if not write:
+                cache = KVEntries(k, v)
+            else:  # slots that write nothing go past the cache: dropped
+                cache = cache.write(jnp.where(tree.cached, positions, cache.capacity), k, v)
         else:
             if cache is not None:
                 cache = cache.write(positions, k, v)
@@ -76,11 +80,10 @@ class Attention(nnx.Module):
             return self.o.cols(out), cache  # [D, B, T]
         return self.o.rows(out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads, H)), cache  # [B, T, D]
 
-    def _tree(self, q, k, v, cache: LayerCache, positions, tree: Tree) -> tuple[jax.Array, LayerCache]:
-        """The tree pass: softmax over [committed cache ; the fed slots' own keys], each masked apart.
-        q [B, K, G, T, H], k and v [B, T, K, H] -> ([B, K, G, T, H], the cache with the cached slots written)."""
+    def _tree(self, q, k, v, cache: LayerCache, tree: Tree) -> jax.Array:
+        """The tree pass: softmax over [committed cache ; the fed slots' own keys], each masked apart; reads
+        the cache below `tree.base` only. q [B, K, G, T, H], k and v [B, T, K, H] -> [B, K, G, T, H]."""
         H = self.cfg.head_dim
-        cache = cache.write(jnp.where(tree.cached, positions, cache.capacity), k, v)  # past the cache: dropped
         committed = (jnp.arange(cache.capacity)[None, :] < tree.base[:, None])[:, None, :]  # [B, 1, S]
         dt = q.dtype
         s_cache = jnp.einsum("BKGTH,BKHS->BKGTS", q, cache.k.astype(dt)).astype(jnp.float32) * (H ** -0.5)
@@ -91,7 +94,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.concatenate([s_cache, s_tree], -1), axis=-1).astype(dt)  # [B, K, G, T, S+T]
         out = (jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S], cache.v.astype(dt))
                + jnp.einsum("BKGTU,BUKH->BKGTH", probs[..., S:], v.astype(dt)))
-        return out, cache
+        return out
 
 
 def _rope_cols(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:

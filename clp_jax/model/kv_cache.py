@@ -63,6 +63,15 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> tuple[LayerCache,
     return tuple(empty_layer_cache(cfg, batch, capacity) for _ in range(cfg.num_layers))
 
 
+class KVEntries(NamedTuple):
+    """One layer's new keys and values [B, T, K, H] from a pass that only read the cache (attention with
+    `write=False`); `LayerCache.write` puts them in place afterwards. The decoding loop runs its width
+    `lax.switch` this way: a branch that wrote the cache would make XLA copy the cache in and out of it."""
+
+    k: jax.Array
+    v: jax.Array
+
+
 class Tree(NamedTuple):
     """A draft tree fed in one pass (decode/verify.py): its slots sit at positions by depth, so siblings share
     a position. Each slot attends to the cache below `base` (the committed prefix) and to the fed slots
@@ -72,3 +81,11 @@ class Tree(NamedTuple):
     base: jax.Array  # [B] cache positions below this are committed
     ancestors: jax.Array  # [B, T, T] bool: slot t attends to slot u
     cached: jax.Array  # [B, T] bool: slot t's keys and values are written at its position
+
+
+def chain(base: jax.Array, width: int) -> Tree:
+    """A chunk of `width` slots fed at positions base.. as a Tree: slot t sees the committed cache below `base`
+    [B] and the slots up to itself (a causal pass over the chunk), and every slot writes its entries."""
+    B = base.shape[0]
+    causal = jnp.tril(jnp.ones((width, width), bool))
+    return Tree(base, jnp.broadcast_to(causal, (B, width, width)), jnp.ones((B, width), bool))

@@ -21,7 +21,7 @@ from flax import nnx
 
 from clp_jax.model.attention import Attention
 from clp_jax.model.config import ModelConfig
-from clp_jax.model.kv_cache import LayerCache, Tree
+from clp_jax.model.kv_cache import KVEntries, LayerCache, Tree
 from clp_jax.model.layers import MLP, Proj, RMSNorm, logical
 
 LAYOUT_ENV = "CLP_MATMUL_LAYOUT"
@@ -79,11 +79,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.jnp_dtype,
                        param_dtype=cfg.jnp_param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, kv_valid=None, cols: bool = False, tree: Tree | None = None):
+    def __call__(self, x, positions, cache, kv_valid=None, cols: bool = False, tree: Tree | None = None,
+                 write: bool = True):
         """x [B, T, D], or [D, B, T] with `cols`; returned in the same layout."""
         axis = 0 if cols else -1
         with jax.named_scope("attn"):
-            h, cache = self.attn(self.attn_norm(x, axis), positions, cache, kv_valid, cols, tree)
+            h, cache = self.attn(self.attn_norm(x, axis), positions, cache, kv_valid, cols, tree, write)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.mlp_norm(x, axis), cols)
@@ -108,7 +109,7 @@ class Qwen2(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: tuple[LayerCache, ...] | None = None,
-                 kv_valid: jax.Array | None = None, tree: Tree | None = None):
+                 kv_valid: jax.Array | None = None, tree: Tree | None = None, write: bool = True):
         """Runs the trunk.
 
         Args:
@@ -117,9 +118,14 @@ class Qwen2(nnx.Module):
           cache: per-layer caches, or None for a cache-free causal pass.
           kv_valid: [B, T] padding mask for the cache-free pass (True = real token).
           tree: a draft tree's masks (kv_cache.Tree; with a cache): positions are then by depth.
+          write: False (with a tree): the cache is only read; each layer's T new entries are returned.
         Returns:
-          (hidden [B, T, D] after the final norm, updated cache or None).
+          (hidden [B, T, D] after the final norm, updated cache, or per layer KVEntries [B, T, K, H] with
+          `write=False`, or None without a cache).
         """
+        if not write and (cache is None or tree is None):
+            raise ValueError("write=False reads a cache as a tree pass does: give both a cache and a tree "
+                             "(kv_cache.chain for a plain chunk).")
         B, T = tokens.shape
         cols = use_cols(self.cfg)
         width = padded_width(self.cfg, B, T)
@@ -139,7 +145,10 @@ class Qwen2(nnx.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, layer_cache = layer(x, positions, None if cache is None else cache[i], kv_valid, cols, tree)
+                x, layer_cache = layer(x, positions, None if cache is None else cache[i], kv_valid, cols, tree,
+                                       write)
+            if not write:  # the real slots' entries
+                layer_cache = KVEntries(layer_cache.k[:, :T], layer_cache.v[:, :T])
             new_cache.append(layer_cache)
         hidden = self.final_norm(x, 0 if cols else -1)
         if cols:
