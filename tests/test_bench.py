@@ -51,13 +51,13 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_load_backbone", lambda args: backbone)
     out = tmp_path / "out"
     args = bench.parse_args(["--model", "tiny", "--heads", heads_dir, "--limit", "1", "--max-new-tokens", "12",
-                             "--taus", "0.5", "--verify-ks", "1", "--clp-confidences", "0.9", "--out", str(out), "--no-progress", "--timeout", "5"])
+                             "--taus", "0.5", "--out", str(out), "--no-progress", "--timeout", "5"])
     args.command = "python -m clp_jax.bench (test)"
     assert bench.run(args) == 0
     report = json.loads((out / "bench.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["ar", "clp", "clp@p0.9", "verify", "verify@fixed-heads", "verify@k1",
-                           "verify@k1-fixed-heads", "confadapt@0.5", "gate", "hf_greedy", "hf_lookup"]
+    assert list(modes) == ["ar", "clp", "verify", "verify@fixed-heads", "confadapt@0.5", "gate", "hf_greedy",
+                           "hf_lookup"]
     for label, m in modes.items():
         # speedup is the tokens/s ratio to ar's (decode-only; end to end for the peers, which cannot separate
         # prefill); two prompts and one HumanEval problem give these fractions
@@ -67,8 +67,9 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
         assert set(m["sets"]) == {"humaneval", "chat"}
     assert modes["ar"]["speedup"] == 1.0 and modes["ar"]["exact_match"] == 1.0
     assert modes["ar"]["tokens_per_pass"] == pytest.approx(1.0)
-    assert modes["verify"]["exact_match"] == 1.0 and modes["verify@k1"]["exact_match"] == 1.0
-    assert modes["verify@fixed-heads"]["exact_match"] == 1.0
+    assert modes["verify"]["exact_match"] == 1.0 and modes["verify@fixed-heads"]["exact_match"] == 1.0
+    clock = modes["verify"]["clock"]  # held to the ar run of each prompt
+    assert clock["unit"] == "ar" and clock["unit_ms"] > 0 and clock["clock_ms_per_pass"] > 0
     for label in ("verify", "verify@fixed-heads"):  # the budget's policy, overall and per set
         pol = modes[label]["policy"]
         assert sum(pol["fed_share"]) == pytest.approx(1.0) and len(pol["fed_share"]) == 3
@@ -76,7 +77,6 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert modes["verify@fixed-heads"]["policy"]["ar_cost_share"] == 0.0  # every pass feeds both drafts
     assert modes["ar"]["policy"]["cost_per_token"] == pytest.approx(1.0)
     assert report["meta"]["pass_costs"]["width"][0] == 1.0
-    assert len(modes["verify@k1"]["head_acceptance"]) == 1
     assert modes["hf_greedy"]["exact_match"] == 1.0
     assert modes["hf_lookup"]["exact_match"] == 1.0
     assert len(modes["clp"]["head_acceptance"]) == 2
@@ -94,6 +94,21 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
         assert os.path.getsize(out / name) > 0
     md = (out / "bench.md").read_text()
     assert "| verify |" in md and "| verify@fixed-heads |" in md and "Pass costs" in md
+
+
+def test_mode_configs_label_every_variant():
+    """Each mode, tau, CLP margin, verify variant and extra k becomes one labelled config (compiling none)."""
+    configs = bench.mode_configs(("ar", "clp", "verify", "confadapt"), (0.5, 0.9), 3, 16, verify_ks=(1, 3),
+                                 clp_confidences=(0.9,), variants=("auto", "fixed-heads", "fixed-both-tree1"))
+    assert list(configs) == ["ar", "clp", "clp@p0.9", "verify", "verify@fixed-heads", "verify@fixed-both-tree1",
+                             "verify@k1", "verify@k1-fixed-heads", "verify@k1-fixed-both-tree1", "confadapt@0.5",
+                             "confadapt@0.9"]
+    assert configs["clp@p0.9"].clp_confidence == 0.9 and configs["verify@k1"].k == 1
+    tree = configs["verify@fixed-both-tree1"]
+    assert (tree.draft_budget, tree.draft_source, tree.tree, tree.k) == ("fixed", "both", 1, 3)
+    assert configs["confadapt@0.9"].tau == 0.9
+    with pytest.raises(ValueError, match="BUDGET"):
+        bench.verify_variant("fast-heads")
 
 
 def test_bench_rejects_limit_zero(tmp_path, capsys):

@@ -9,7 +9,7 @@ from clp_jax.decode.decoder import Decoder, DecodeConfig
 from clp_jax.decode.sampling import SamplingConfig
 from clp_jax.decode.tree import tree_pass
 from clp_jax.drafting.heads import Drafts
-from clp_jax.model.kv_cache import init_cache
+from clp_jax.model.kv_cache import KVEntries, chain, init_cache
 
 from helpers import CPU_COSTS, OracleHeads, reference_table
 from test_draft_layer import draft_heads
@@ -36,6 +36,27 @@ def _pass(model, prompt, chunk, positions, tree=None):
     _, cache = model(jnp.asarray([prompt]), jnp.arange(P)[None], cache)
     hidden, cache = model(jnp.asarray([chunk]), jnp.asarray(positions)[None], cache, tree=tree)
     return np.asarray(hidden[0]), cache
+
+
+def test_a_pass_that_reads_the_cache_then_writes_equals_the_pass_that_writes(model):
+    """The width switch's pass (decode/decoder.py): attention over the committed cache plus the chunk's own keys
+    (`kv_cache.chain`), the cache only read, the returned entries written after, gives the in-place pass's hidden
+    states and cache; write=False without a tree is refused."""
+    prompt, chunk = [5, 9, 14, 2, 7, 30], [11, 40, 41]
+    want, want_cache = _pass(model, prompt, chunk, [6, 7, 8])
+    cache = init_cache(model.cfg, 1, 32)
+    _, cache = model(jnp.asarray([prompt]), jnp.arange(6)[None], cache)
+    positions = jnp.asarray([[6, 7, 8]])
+    hidden, entries = model(jnp.asarray([chunk]), positions, cache, tree=chain(jnp.asarray([6]), 3), write=False)
+    assert all(isinstance(e, KVEntries) and e.k.shape == (1, 3, model.cfg.num_kv_heads, model.cfg.head_dim)
+               for e in entries)
+    np.testing.assert_allclose(np.asarray(hidden[0]), want, atol=2e-5)
+    for layer, e, ref in zip(cache, entries, want_cache):
+        written = layer.write(positions, e.k, e.v)
+        np.testing.assert_allclose(np.asarray(written.k), np.asarray(ref.k), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(written.v), np.asarray(ref.v), atol=2e-5)
+    with pytest.raises(ValueError, match="write=False"):
+        model(jnp.asarray([chunk]), positions, cache, write=False)
 
 
 @pytest.mark.parametrize("siblings", [1, 2])

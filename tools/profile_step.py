@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     st = dec.start([[1] * args.prompt_len] * args.batch, capacity=args.cache_len)
     st = dec.advance(st, 1)
     jax.block_until_ready(st.length)
-    (compiled,) = [c for key, c in dec._compiled.items() if key[0] == "run"]
+    (compiled,) = dec.programs("run")
     shapes = output_shapes(compiled.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

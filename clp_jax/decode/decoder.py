@@ -327,6 +327,11 @@ class Decoder:
             self.num_compiles += 1
         return self._compiled[key]
 
+    def programs(self, name: str) -> list:
+        """The compiled programs of one kind ("run": the loop, "refill", "prefill@S"), one per shape compiled
+        (their `as_text()` is the optimized HLO: tools/profile_step.py reads it)."""
+        return [c for key, c in self._compiled.items() if key[0] == name]
+
     def memory_bytes(self) -> int:
         """Arguments + outputs + temporaries - aliased buffers of the largest compiled program (XLA's
         own memory analysis: weights, KV cache and scratch of one decoding run)."""
