@@ -305,7 +305,7 @@ class Decoder:
         def body(s):
             if self.dc.adaptive and W > 1:
                 # a branch that wrote the cache made XLA copy every layer's cache in and out of the switch
-                # (~35 ms per pass at batch 1): the branches read it, one scatter per layer follows
+                # (4.5-10 ms per verify pass at batch 1): the branches read it, one scatter per layer follows
                 count = jnp.where(s.done, 1, s.length - s.fed + s.n_draft + s.n_tree)  # slots each row needs
                 branch = jnp.clip(jnp.max(count), 1, W) - 1
                 cache, rest = s.cache, s.replace(cache=())
