@@ -232,6 +232,11 @@ def test_a_decoder_holds_its_runs_against_an_ar_pass_and_records_them(model, mon
     entry = json.loads(open(table).read())
     assert entry["overhead_runs"] == 1 and entry["overhead"] >= 0.0
     assert ar.clock_check(res, 1, 64) is None
+    # several runs at once, as decode.py --compare and the bench pair them: weighted by passes, each recorded
+    both = dec.clock_beside_ar([(res, 1, dec.capacity_for(prompt), ref.ms_per_pass)] * 2
+                                + [(res, 1, dec.capacity_for(prompt), None)])
+    assert both.passes == 3 * check.passes and both.unit == "mixed"
+    assert json.loads(open(table).read())["overhead_runs"] == 3  # the unit-less run records nothing
 
 
 def test_a_new_drafter_keeps_the_width_table_and_a_stale_table_is_retimed(model, monkeypatch, tmp_path):

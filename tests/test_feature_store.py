@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -158,3 +159,10 @@ def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path, caplog
         calls.clear()
         data.build_store(dc, inputs, str(tmp_path / "d"), make_generator=stream, **{**kw, "backbone_id": "other:f32"})
     assert calls == [5] and "other backbone" in caplog.text
+
+    # missing="skip": a store with holes (a data job still filling it) trains on its complete shards, builds nothing
+    shutil.rmtree(tmp_path / "a" / "chat_000002_000004")
+    have = data.build_store(dc, inputs, str(tmp_path / "a"), make_generator=never, missing="skip", **kw)
+    assert have == [s for s in plan if s != "chat_000002_000004"] and not (tmp_path / "a" / "chat_000002_000004").exists()
+    with pytest.raises(ValueError, match="none of the plan's shards"):
+        data.build_store(dc, inputs, str(tmp_path / "e"), make_generator=never, missing="skip", **kw)

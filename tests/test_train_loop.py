@@ -203,7 +203,8 @@ def test_load_config_with_overrides(tmp_path):
                          ("run.window=4096", r"run.window \(4096\) must be <= data.seq_len"),
                          ("train.soft_weight=0.5", "needs soft labels"),
                          ("data.chat_prompts=-1", "data.chat_prompts must be in"),
-                         ('run.stop_after="eval"', "run.stop_after"), ('run.init_from="/no/such"', "init_from")):
+                         ('run.stop_after="eval"', "run.stop_after"), ('run.init_from="/no/such"', "init_from"),
+                         ('run.missing_shards="wait"', "run.missing_shards must be 'build' or 'skip'")):
         extra = ["data.soft_topk=0"] if "soft_weight" in bad else []
         with pytest.raises(ConfigError, match=message):
             load_config(str(path), [bad] + extra)

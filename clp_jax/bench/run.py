@@ -169,15 +169,8 @@ def clock_of(decoder: Decoder, runs: Sequence[Run], ar_runs: Sequence[Run]) -> d
     """A mode's ms per loop pass over its runs, on the clock and as its pass-cost table models them (the
     overhead per pass included), each run in units of the `ar` run of its prompt (timed beside it), or None
     (ar, a given table). Runs that did not compile fold their overhead into the table for later decoders."""
-    checks = []
-    for r, a in zip(runs, ar_runs):
-        if r.result is None or not r.capacity:
-            continue
-        unit = a.result.ms_per_pass if a.result is not None else None
-        checks.append(decoder.clock_check(r.result, 1, r.capacity, unit))
-        if unit and not r.result.compiled:
-            decoder.record_clock(r.result, 1, r.capacity, unit)
-    c = pass_costs.ClockCheck.combine(checks)
+    c = decoder.clock_beside_ar((r.result, 1, r.capacity, a.result.ms_per_pass if a.result is not None else None)
+                                for r, a in zip(runs, ar_runs) if r.result is not None and r.capacity)
     if c is None:
         return None
     return {"passes": c.passes, "clock_ms_per_pass": round(c.clock_ms, 2), "modelled_ms_per_pass": round(c.modelled_ms, 2),

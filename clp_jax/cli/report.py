@@ -124,16 +124,10 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats:
         costs = decoder.costs(bucket, cache_len)
         print(costs.format().replace("\n", " | "), file=out)
         # each run is held to the ar run of the same batch in the same round (one-slot passes timed beside it)
-        checks = []
-        for m, q in rounds:
-            for r, a, b in zip(m, q, batches):
-                B, S = _bucket(len(b), 1), decoder.capacity_for(b)
-                checks.append(decoder.clock_check(r, B, S, a.ms_per_pass))
-                if not r.compiled:  # the overhead the clock leaves, for later decoders
-                    decoder.record_clock(r, B, S, a.ms_per_pass)
-        line = clock_line([c for c in checks if c is not None])
-        if line:
-            print(f"[verify] {line}", file=out)
+        check = decoder.clock_beside_ar((r, _bucket(len(b), 1), decoder.capacity_for(b), a.ms_per_pass)
+                                        for m, q in rounds for r, a, b in zip(m, q, batches))
+        if check is not None:
+            print(f"[verify] {check.format()}", file=out)
         # a table timed under another load is re-timed next run
         steps = sum(max(int(r.passes.max()) - 1, 1) for r in every_ref)  # batched passes (the prefill excluded)
         ar_ms = 1e3 * sum(r.decode_seconds for r in every_ref) / steps
@@ -149,12 +143,6 @@ def compare(decoder: Decoder, ar: Decoder, batches, tok, seed: int = 0, repeats:
     if med < 1.0:
         print(why_slower(decoder.dc.mode, every_mine, costs), file=out)
     return 0
-
-
-def clock_line(checks: Sequence[pass_costs.ClockCheck]) -> str:
-    """The runs' ms per loop pass on the clock against the pass-cost table's model ('' without checks)."""
-    check = pass_costs.ClockCheck.combine(checks)
-    return check.format() if check else ""
 
 
 def why_slower(mode: str, results: Sequence[DecodeResult], costs) -> str:

@@ -192,6 +192,17 @@ class Decoder:
         return pass_costs.record_clock(self._model, batch, cache_len, self.costs(batch, cache_len),
                                        self.clock_check(result, batch, cache_len, unit_ms))
 
+    def clock_beside_ar(self, runs) -> pass_costs.ClockCheck | None:
+        """Several runs, each timed beside an `ar` run of the same prompts, held to the table as one check.
+        `runs`: (result, batch, cache_len, ar_ms_per_pass or None) each. A run that did not compile also folds
+        the overhead its clock shows into the table for later decoders (`record_clock`)."""
+        checks = []
+        for result, batch, cache_len, unit_ms in runs:
+            checks.append(self.clock_check(result, batch, cache_len, unit_ms))
+            if unit_ms and not result.compiled:
+                self.record_clock(result, batch, cache_len, unit_ms)
+        return pass_costs.ClockCheck.combine(checks)
+
     def _after_pass(self, batch: int, cache_len: int) -> AfterPass:
         costs = self.costs(batch, cache_len)
         return AfterPass(make_mode(self.dc, costs), costs, self.eos_ids, self.slack)

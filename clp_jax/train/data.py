@@ -257,7 +257,7 @@ def build_inputs(dc: DataConfig, tokenizer, backbone_id: str, data_dir: str) -> 
 
 def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: str, *, backbone,
                 make_generator, feature_batch_size: int, progress: bool = True, continuations_dir: str = "",
-                backbone_id: str = "") -> list[str]:
+                backbone_id: str = "", missing: str = "build") -> list[str]:
     """Writes every missing shard of the plan (resumable: complete shards are kept; on several processes
     each writes every P-th shard) and returns the plan's shard names in order.
 
@@ -268,7 +268,10 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
     kept there (`<shard>.npz`, tagged with `backbone_id` and the settings), and a missing self-distilled shard
     whose tokens are kept is rebuilt from them by one teacher-forced pass instead; a kept file that is
     corrupted or was made from other inputs or settings is logged and generated again, never used. Corpus
-    shards (teacher-forced) come last."""
+    shards (teacher-forced) come last.
+
+    With `missing="skip"` nothing is built: the plan's complete shards are returned (checked as above) and the
+    missing ones are logged, so a drafter can train on what a data job running elsewhere has written so far."""
     os.makedirs(store_dir, exist_ok=True)
     done = {d for d in os.listdir(store_dir) if os.path.exists(os.path.join(store_dir, d, fs.META))}
     counts = {kind: len(rows) for kind, rows in inputs.items() if rows}
@@ -286,6 +289,14 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
         if meta.get("inputs") != fs.input_digest(inputs[spec.kind][spec.start:spec.stop]):
             raise ValueError(f"Feature shard {s} in {store_dir} was built from other inputs (another corpus, "
                              "tokenizer or prompt set); use a new run.features_dir.")
+    if missing == "skip":
+        have = [s.name for s in plan if s.name in done]
+        if not have:
+            raise ValueError(f"The feature store {store_dir} holds none of the plan's shards; build them "
+                             "(run.missing_shards = \"build\") or point run.features_dir at a built store.")
+        log.info("feature store: %d of the plan's %d shards are complete; %d missing ones skipped "
+                 "(run.missing_shards = \"skip\")", len(have), len(plan), len(plan) - len(have))
+        return have
     if continuations_dir:
         os.makedirs(continuations_dir, exist_ok=True)
 

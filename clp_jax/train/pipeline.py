@@ -181,7 +181,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
     plan = data_lib.build_store(dc, inputs, rc.store_dir, backbone=backbone.model, make_generator=make_generator,
                                 feature_batch_size=rc.feature_batch_size,
                                 progress=progress, continuations_dir=rc.continuations_dir,
-                                backbone_id=f"{os.path.basename(str(backbone.source))}:{cfg.model.dtype}")
+                                backbone_id=f"{os.path.basename(str(backbone.source))}:{cfg.model.dtype}",
+                                missing=rc.missing_shards)
     timings["features"] = time.perf_counter() - t0
     store = fs.FeatureStore(rc.store_dir, plan)
     parts = splits(store, cfg, out_dir)
