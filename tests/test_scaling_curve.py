@@ -43,3 +43,17 @@ def test_scaling_curve_trains_nested_subsets_and_compares_sources(tmp_path, monk
     assert set(rows[1]["train_positions_by_kind"]) and rows[1]["train_positions_by_kind"].get("corpus", 0) == 0
     assert rows[2]["train_positions_by_kind"]["chat"] == 0 and rows[2]["train_positions_by_kind"]["corpus"] > 0
     assert all(0.0 <= v <= 1.0 for r in rows for v in r["first_draft"].values())
+
+    # tools/eval_heads.py: both drafters on the same held-out records give what their runs wrote to eval.json
+    import eval_heads
+
+    heads = [os.path.join(out, f"mix_{n}", "heads") for n in (60, 200)]
+    table = str(tmp_path / "heads.json")
+    assert eval_heads.main(["--config", str(config), "--heads", heads[0], "--heads", heads[1], "--out", table]) == 0
+    got = json.load(open(table))["heads"]
+    for n, path in zip((60, 200), heads):
+        ran = json.load(open(os.path.join(out, f"mix_{n}", "eval.json")))["drafter"]
+        assert set(got[path]) == set(ran)
+        for kind in ran:
+            assert got[path][kind]["records"] == ran[kind]["records"]
+            assert got[path][kind]["agreement"] == pytest.approx(ran[kind]["agreement"], abs=0.02)

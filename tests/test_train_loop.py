@@ -215,7 +215,8 @@ def test_load_config_with_overrides(tmp_path):
         load_config(str(tmp_path / "missing.toml"))
 
 
-@pytest.mark.parametrize("name", ["draft_layer_demo", "draft_layer_finetune", "draft_layer_epochs", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
+@pytest.mark.parametrize("name", ["draft_layer_demo", "draft_layer_finetune", "draft_layer_epochs", "draft_layer_store",
+                                  "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
 def test_shipped_configs_parse(name):
     import tomllib
 

@@ -71,8 +71,9 @@ def markdown(report: dict) -> str:
     ]
     if meta.get("pass_costs"):
         pc = meta["pass_costs"]
-        foot.append("Pass costs (this machine, batch 1): " + pc["text"].replace("\n", "; ") + "."
-                    + (f" `ar` ran at {pc['ar_ms']:.1f} ms per pass in this run." if pc.get("ar_ms") else "")
+        at = f", a {pc['cache_len']}-slot cache, the one most prompts needed" if pc.get("cache_len") else ""
+        foot.append(f"Pass costs (this machine, batch 1{at}): " + pc["text"].replace("\n", "; ") + "."
+                    + (f" `ar` ran at {pc['ar_ms']:.1f} ms per pass there in this run." if pc.get("ar_ms") else "")
                     + (f" {pc['stale'][0].upper()}{pc['stale'][1:]}." if pc.get("stale") else ""))
     clocks = [(label, m["clock"]) for label, m in modes.items() if m.get("clock")]
     if clocks:

@@ -125,38 +125,33 @@ def mode_configs(modes: Sequence[str], taus: Sequence[float], k: int, max_new_to
     return out
 
 
-def _costs_of(decoders: dict, ar_ms: float) -> dict | None:
-    """The pass-cost table the verify rows read (batch 1), for the report, with `ar`'s measured ms per pass
-    and a note where the two disagree (the table is then marked stale: the next run re-times it)."""
-    for d in decoders.values():
-        if d.dc.mode == "verify":
-            c = d.costs(1)
-            note = pass_costs.check_against(d.model, 1, c, ar_ms)
+def _costs_of(decoders: dict, runs: dict) -> dict | None:
+    """The pass-cost tables the verify rows read (batch 1, one per cache length the prompts needed), for the
+    report: the one most prompts used, `ar`'s measured ms per pass, and a note for every table `ar`'s passes at
+    its cache length disagree with (it is then marked stale: the next run re-times it)."""
+    for label, d in decoders.items():
+        if d.dc.mode != "verify":
+            continue
+        by_len: dict[int, list[int]] = {}
+        for i, r in enumerate(runs[label]):
+            if r.capacity:
+                by_len.setdefault(r.capacity, []).append(i)
+        if not by_len:
+            return None
+        notes, ar_ms = [], {}
+        for cap, idx in sorted(by_len.items()):
+            ar = [runs["ar"][i] for i in idx]
+            ar_ms[cap] = 1e3 * sum(r.decode_seconds for r in ar) / max(sum(r.passes - 1 for r in ar), 1)
+            note = pass_costs.check_against(d.model, 1, d.costs(1, cap), ar_ms[cap], cache_len=cap)
             if note:
                 log.warning(note)
-            return {"width": list(c.width), "draft_first": list(c.draft_first), "draft_step": c.draft_step,
-                    "ms": c.ms, "ar_ms": round(ar_ms, 2), "stale": note, "text": c.format()}
+                notes.append(note)
+        cap = max(by_len, key=lambda c: len(by_len[c]))
+        c = d.costs(1, cap)
+        return {"width": list(c.width), "draft_first": list(c.draft_first), "draft_step": c.draft_step,
+                "ms": c.ms, "ar_ms": round(ar_ms[cap], 2), "cache_len": cap, "stale": " ".join(notes),
+                "text": c.format()}
     return None
-
-
-def vllm_acceptance(spec: dict, tokens: int, prompts: int) -> dict:
-    """tokens per pass and per-position acceptance of vLLM's MTP drafts from its counters."""
-    chains = max(spec.get("vllm:spec_decode_num_drafts", 0), 1)
-    per_pos = [spec[key] / chains for key in sorted((k for k in spec if "accepted_tokens_per_pos" in k),
-                                                key=lambda k: int(k.rsplit("[", 1)[1].rstrip("]")))]
-    # each draft chain rides one decoding pass; the prefill emits each prompt's first token
-    return {"tokens_per_pass": tokens / (chains + prompts), "head_acceptance": [round(a, 4) for a in per_pos],
-            "vllm_spec": spec}
-
-
-def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
-    """Compiles prefill and loop for every prompt bucket, so no timed run pays for compilation."""
-    seen = set()
-    for s in samples:
-        bucket = _bucket(len(s.ids), MIN_PROMPT_BUCKET)
-        if bucket not in seen:
-            seen.add(bucket)
-            jax.block_until_ready(decoder.advance(decoder.start([s.ids]), 1).length)
 
 
 def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
@@ -402,7 +397,7 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         "max_new_tokens": max_new_tokens, "lookup_tokens": lookup_tokens,
         "vllm_spec_tokens": vllm_spec_tokens if set(vllm_peers) - {"vllm"} else None,
         "roofline": roofline.roofline(backbone.model, ar_pass),
-        "pass_costs": _costs_of(decoders, 1e3 * ar_pass),
+        "pass_costs": _costs_of(decoders, runs),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     return {"meta": meta, "modes": results}
