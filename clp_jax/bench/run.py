@@ -154,6 +154,16 @@ def _costs_of(decoders: dict, runs: dict) -> dict | None:
     return None
 
 
+def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
+    """Compiles prefill and loop for every prompt bucket, so no timed run pays for compilation."""
+    seen = set()
+    for s in samples:
+        bucket = _bucket(len(s.ids), MIN_PROMPT_BUCKET)
+        if bucket not in seen:
+            seen.add(bucket)
+            jax.block_until_ready(decoder.advance(decoder.start([s.ids]), 1).length)
+
+
 def run_decoder(decoder: Decoder, ids: list[int]) -> Run:
     res = decoder.generate([ids])
     return Run(res.tokens[0], res.decode_seconds, res.prefill_seconds + res.decode_seconds,
