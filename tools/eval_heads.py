@@ -26,7 +26,7 @@ from clp_jax.drafting import checkpoint  # noqa: E402
 from clp_jax.train import data as data_lib  # noqa: E402
 from clp_jax.train import feature_store as fs  # noqa: E402
 from clp_jax.train.loop import evaluate  # noqa: E402
-from clp_jax.train.prompts import KINDS  # noqa: E402
+from clp_jax.train.pipeline import heldout_by_kind  # noqa: E402
 from clp_jax.train.run_config import load_config  # noqa: E402
 from clp_jax.train.step import Trainer  # noqa: E402
 from clp_jax.weights.assets import cache_dir  # noqa: E402
@@ -49,8 +49,7 @@ def main(argv=None) -> int:
     store = fs.FeatureStore(cfg.run.store_dir, plan)
     split = np.array([fs.split_of(r, cfg.data.heldout_fraction, cfg.data.clp_fraction) for r in store.record_ids])
     held = np.flatnonzero(split == "heldout")
-    by_kind = {kind: held[store.kinds[held] == i][:args.records] for i, kind in enumerate(KINDS)
-               if np.any(store.kinds[held] == i)}
+    by_kind = heldout_by_kind(store, held, args.records)
     results = {}
     for path in args.heads:
         heads = checkpoint.load_heads(path, backbone.cfg)
