@@ -116,7 +116,7 @@ def test_budget_rule():
     feed, more = b.after_step(jnp.asarray([[0.05]]), D, yes)
     assert not bool(more[0]) and not bool(feed[0])
     # the online correction: drafts seen wrong at confidence 0.9 count for much less
-    wrong = Stats(jnp.zeros((1, 3)), jnp.full((1, 3), 20.0), jnp.zeros((1,)))
+    wrong = Stats(jnp.zeros((1, 3)), jnp.full((1, 3), 20.0), jnp.zeros((1,)), jnp.zeros((1,)))
     c = float(b.corrected(jnp.asarray([[0.9]]), wrong)[0, 0])
     assert c == pytest.approx(0.9 * budget.PRIOR / (20.0 + budget.PRIOR)) and c < 0.3
 
@@ -126,7 +126,8 @@ def test_a_probe_only_looks():
     that draft what feeding it would have earned; a drafting row that fed nothing just paid for drafting."""
     b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
     k, cost = 3, 0.075
-    stats = Stats(jnp.zeros((2, k)), jnp.zeros((2, k)), jnp.asarray([-0.1, 0.2]))  # row 0 probes
+    seasoned = jnp.full((2,), 100.0)  # drafting passes seen: the gain forgets at GAIN_RATE
+    stats = Stats(jnp.zeros((2, k)), jnp.zeros((2, k)), jnp.asarray([-0.1, 0.2]), seasoned)  # row 0 probes
     assert b.probing(stats).tolist() == [True, False]
     conf = jnp.asarray([[0.9, 0, 0], [0.9, 0, 0]])
     none, yes = jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool)
@@ -138,6 +139,29 @@ def test_a_probe_only_looks():
     assert float(after.hit[0, 0]) == 1.0 and float(after.seen[0, 0]) == pytest.approx(0.9)
     wrong = b.observe(stats, conf, none, none, (yes, jnp.zeros((2,))), yes, jnp.full((2,), cost), yes)
     assert float(wrong.gain[0]) < float(stats.gain[0])
+    assert after.drafting.tolist() == [101.0, 101.0]
+
+
+def test_the_gain_is_a_mean_with_a_prior_then_forgets_slowly():
+    """A new row's first drafting pass weighs 1 / (1 + GAIN_PRIOR) against the prior GAIN_INIT (a row whose
+    drafts are all wrong stops within a few passes); later passes weigh GAIN_RATE, so a couple of misses in a
+    row do not stop a row whose drafts paid for dozens of passes."""
+    b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
+    none, yes = jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool)
+    three = jnp.full((1,), 3, jnp.int32)
+    conf, cost = jnp.full((1, 3), 0.9), jnp.full((1,), 0.1)
+    miss = lambda s: b.observe(s, conf, three, none, (~yes, jnp.zeros((1,))), yes, cost, yes)  # noqa: E731
+    hit = lambda s: b.observe(s, conf, three, three, (~yes, jnp.zeros((1,))), yes, cost, yes)  # noqa: E731
+    g_miss = -(CPU.width[3] - CPU.width[0]) - 0.1
+    s = miss(Stats.init(1, 3))
+    assert float(s.gain[0]) == pytest.approx((budget.GAIN_PRIOR * budget.GAIN_INIT + g_miss) / (budget.GAIN_PRIOR + 1))
+    s = miss(s)
+    assert b.probing(s).tolist() == [True]  # two wrong passes from the start: it stops
+    s = Stats.init(1, 3)
+    for _ in range(40):  # a row whose three drafts were right 40 times
+        s = hit(s)
+    s = miss(miss(miss(s)))
+    assert b.probing(s).tolist() == [False]
 
 
 def test_pass_cost_table_is_measured_once_and_cached(model, monkeypatch, tmp_path):
@@ -159,6 +183,39 @@ def test_pass_cost_table_is_measured_once_and_cached(model, monkeypatch, tmp_pat
     assert dec.costs(1) == a and len(calls) == 1
     pass_costs.load_or_measure(model, heads, max_width=3, remeasure=True, rounds=2)
     assert len(calls) == 2
+
+
+def test_measure_takes_each_call_less_its_dispatch_and_the_draft_step_from_a_chain(model, monkeypatch):
+    """Inside the jitted loop no pass pays a call's dispatch: `measure` subtracts each family's no-op call and
+    takes the drafter's further step from the slope of a chain run in one call (synthetic timings, in ms)."""
+    D = 2.0  # every call's dispatch
+
+    def fake_time(fns, rounds):
+        def ms(key):
+            if key[-1] == "noop" or key[:2] == ("draft", "noop"):
+                return D
+            if key[0] == "trunk":
+                return D + 1.0 * key[1]  # a shallow trunk's layers over w slots
+            if key[0] == "head":
+                return D + 0.1 * key[1]
+            if key[0] == "whole":
+                return D + 10.0
+            if key[:2] == ("draft", "first"):
+                return D + 0.5 + 0.1 * key[2]
+            assert key == ("draft", "chain", pass_costs.CHAIN_STEPS), key
+            return D + 0.6 + 0.4 * (pass_costs.CHAIN_STEPS - 1)  # a first step over 1 slot, then 0.4 each
+        assert {k for k in fns} >= {("whole", "noop"), ("trunk", "noop"), ("head", "noop")}
+        return {key: np.full(rounds, ms(key) / 1e3) for key in fns}
+
+    monkeypatch.setattr(pass_costs, "_time", fake_time)
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer"), rngs=nnx.Rngs(0))
+    out = pass_costs.measure(model, heads, widths=(1, 2), draft_widths=(1, 3), rounds=3)
+    scale = model.cfg.num_layers / min(pass_costs.SHALLOW_LAYERS, model.cfg.num_layers)
+    assert out["ms"] == pytest.approx(10.0)
+    assert out["width"][2] == pytest.approx((0.2 + scale * 2.0) / (0.1 + scale * 1.0))
+    (d,) = out["drafters"].values()
+    assert d["first"][1] == pytest.approx(0.06) and d["first"][3] == pytest.approx(0.08)
+    assert d["step"] == pytest.approx(0.04)
 
 
 def test_tables_are_timed_at_the_cache_length_decoding_uses(model, monkeypatch, tmp_path):

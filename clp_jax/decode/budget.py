@@ -13,7 +13,8 @@ maximises the rate R(m) = (1 + A_m) / (P(m+1) + D); m = 0 is an `ar`-cost pass.
 * The chain drafts one more step only while its look-ahead (the next drafts assumed as sure as the last,
   one draft step each) beats the best rate it already has.
 * Whether to draft at all: each row keeps a running mean of what drafting gained it, in `ar` passes
-  (accepted drafts - extra pass cost - drafting cost); below zero the row stops drafting and decodes at
+  (accepted drafts - extra pass cost - drafting cost; a prior of GAIN_PRIOR passes, then forgetting slowly, so
+  a few misses do not stop a row whose drafts pay on average); below zero the row stops drafting and decodes at
   `ar` cost, drafting again every PROBE_EVERY tokens to check. A probe only looks: it drafts one step,
   feeds nothing (an `ar`-cost pass), and the pass checks its draft for free; its gain is what feeding it
   would have earned (right - (P(2) - P(1)) - drafting cost), so hopeless drafts cost a probe no more than
@@ -42,7 +43,13 @@ DEFAULT_TEMPERATURE = 1.5  # uncalibrated heads: their first draft's 0.97 is rig
 PRIOR = 5.0
 DISCOUNT = 0.9  # per observation, older verified drafts count less (the text changes)
 GAIN_INIT = 0.25  # drafting starts on
-GAIN_RATE = 0.3  # running mean of the gain: weight of the newest drafting pass
+# The gain is the mean of a row's drafting passes with GAIN_INIT as GAIN_PRIOR pseudo-passes (so a row whose drafts
+# are never right stops after two passes), forgetting at GAIN_RATE once it has seen enough: one pass feeding three
+# wrong drafts weighs -0.5, so a fast-forgetting mean (0.3, before 2026-12-06) stopped rows whose drafts paid on
+# average after a couple of misses, for PROBE_EVERY tokens at ar cost each time (51% of the passes on 20 unseen
+# prompts; 0.778 one-slot passes per token against 0.731 at 0.1 and 0.728 at 0.05: tools/budget_sweep.py).
+GAIN_PRIOR = 2.0
+GAIN_RATE = 0.05
 PROBE_EVERY = 8  # a row that stopped drafting drafts again after this many committed tokens
 
 
@@ -54,11 +61,12 @@ class Stats:
     hit: jax.Array  # [B, k] discounted count of verified drafts right at depth j (earlier ones right)
     seen: jax.Array  # [B, k] discounted sum of those drafts' calibrated confidences
     gain: jax.Array  # [B] running mean gain of drafting, in ar passes per drafting pass
+    drafting: jax.Array  # [B] drafting passes the gain has seen
 
     @classmethod
     def init(cls, B: int, k: int) -> "Stats":
         return cls(jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.float32),
-                   jnp.full((B,), GAIN_INIT, jnp.float32))
+                   jnp.full((B,), GAIN_INIT, jnp.float32), jnp.zeros((B,), jnp.float32))
 
 
 def confidence(logits: jax.Array, temperature) -> jax.Array:
@@ -153,5 +161,7 @@ class Budget:
         extra_pass = jnp.asarray(self.P)[fed] - self.P[0]
         g = n_acc.astype(jnp.float32) - extra_pass - cost
         g = jnp.where(self.probing(stats) & obs, ok - (self.P[1] - self.P[0]) - cost, g)  # what feeding it would earn
-        gain = jnp.where(drafted & active, (1 - GAIN_RATE) * stats.gain + GAIN_RATE * g, stats.gain)
-        return Stats(hit, seen, gain)
+        counted = drafted & active
+        w = jnp.maximum(1.0 / (stats.drafting + 1.0 + GAIN_PRIOR), GAIN_RATE)  # the newest pass's weight
+        gain = jnp.where(counted, (1 - w) * stats.gain + w * g, stats.gain)
+        return Stats(hit, seen, gain, stats.drafting + counted)

@@ -15,9 +15,11 @@ between widths, a shallow copy of the trunk (its first layers, same weights) and
 separately at each width, at the cache length decoding uses (attention reads the whole static
 cache, so a pass costs what its cache holds, not what is filled), interleaved over rounds, and takes medians:
 cost(w) = head(w) + L/n * layers_n(w); on a loaded machine load hits every width alike. The drafter is timed
-the same way. The overhead cannot be timed apart from a running loop, so it is measured from one: a run timed
-beside `ar` (`decode.py --compare ar`, the bench) holds its clock against the table's model in units of `ar`'s
-pass of the same run (`clock_check`; this machine's speed drifts 15-25% within an hour, so the table's own
+the same way, its further steps as the slope of a chain run in one call. Every timing is taken less its call's
+dispatch (a no-op call with the same arguments, timed beside it): passes inside the jitted loop pay none. The
+overhead cannot be timed apart from a running loop, so it is measured from one: a run timed beside `ar`
+(`decode.py --compare ar`, the bench) holds its clock against the table's model in units of `ar`'s pass of the
+same run (`clock_check`; this machine's speed drifts 15-25% within an hour, so the table's own
 unit, timed at another moment, cannot be), and the table keeps a running mean of the difference per pass
 (`record_clock`), which every later decoder includes. Tables live under
 `cache_dir("pass_costs")`, one JSON file per device kind, backbone geometry, layout, dtype, batch and cache
@@ -48,7 +50,10 @@ from clp_jax.weights.assets import cache_dir
 log = logging.getLogger(__name__)
 
 SHALLOW_LAYERS = 4  # layers of the timed trunk copy (the per-layer cost is scaled to the full depth)
-VERSION = 6  # 6: the overhead in one-slot passes, from runs whose unit (an ar pass) was timed beside them
+CHAIN_STEPS = 4  # the drafter's further steps are timed as a chain of this many in one call
+# 6: the overhead in one-slot passes, from runs whose unit (an ar pass) was timed beside them; 7: every timing
+# less its call's dispatch (a no-op call with the same arguments), the drafter's further steps from one chain
+VERSION = 7
 MIN_CACHE_BUCKET = 128
 OVERHEAD_RATE = 0.5  # running mean of the measured per-pass overhead: weight of the newest run
 MIN_CLOCK_PASSES = 8  # runs with fewer loop passes say too little about the overhead to be recorded
@@ -128,6 +133,11 @@ def _time(fns: dict, rounds: int) -> dict:
     return {key: np.asarray(t) for key, t in times.items()}
 
 
+# A call that does nothing with the arguments of a timed one: what dispatching it costs (flattening the
+# parameters' pytree, handing their buffers over), which a pass inside the jitted decode loop never pays.
+_noop = jax.jit(lambda *args: jnp.zeros((), jnp.float32), keep_unused=True)
+
+
 def _shallow(model: Qwen2, n: int) -> Qwen2:
     """The model's first n layers (same arrays, no copy) as a model of depth n."""
     graphdef, _ = nnx.split(abstract_model(model.cfg.replace(num_layers=n)))
@@ -137,9 +147,15 @@ def _shallow(model: Qwen2, n: int) -> Qwen2:
     return nnx.merge(graphdef, state)
 
 
+def _chunk(model: Qwen2, batch: int, w: int, context: int) -> tuple:
+    """(hidden [B, w, D], tokens [B, w], positions [B, w]): a w-slot chunk after `context` committed tokens."""
+    return (jnp.ones((batch, w, model.cfg.hidden_size), model.cfg.jnp_dtype), jnp.full((batch, w), 7, jnp.int32),
+            jnp.broadcast_to(context + jnp.arange(w, dtype=jnp.int32), (batch, w)))
+
+
 def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, cache_len: int = MIN_CACHE_BUCKET) -> dict:
     """Per width: ('trunk', w) the shallow trunk over w slots with a `cache_len` cache; ('head', w) logits of w
-    rows."""
+    rows; ('whole', 1) the whole model's one-slot pass; (..., 'noop') each one's dispatch."""
     n = min(SHALLOW_LAYERS, model.cfg.num_layers)
     shallow = _shallow(model, n)
     tg, ts = nnx.split(shallow)
@@ -166,38 +182,45 @@ def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, cache_len: int = 
 
     fns = {}
     for w in widths:
-        tokens = jnp.full((batch, w), 7, jnp.int32)
-        positions = jnp.broadcast_to(context + jnp.arange(w, dtype=jnp.int32), (batch, w))
-        hidden = jnp.ones((batch, w, model.cfg.hidden_size), model.cfg.jnp_dtype)
+        hidden, tokens, positions = _chunk(model, batch, w, context)
         fns["trunk", w] = lambda t=tokens, p=positions: trunk(ts, t, p, cache)
         fns["head", w] = lambda h=hidden: head(ms, h)
-    one = jnp.full((batch, 1), 7, jnp.int32)
-    fns["whole", 1] = lambda: whole(ms, one, jnp.full((batch, 1), context, jnp.int32), full_cache)
+    fns["trunk", "noop"] = lambda t=tokens, p=positions: _noop(ts, t, p, cache)
+    fns["head", "noop"] = lambda h=hidden: _noop(ms, h)
+    one, at = jnp.full((batch, 1), 7, jnp.int32), jnp.full((batch, 1), context, jnp.int32)
+    fns["whole", 1] = lambda: whole(ms, one, at, full_cache)
+    fns["whole", "noop"] = lambda: _noop(ms, one, at, full_cache)
     return fns, model.cfg.num_layers / n
 
 
 def _draft_fns(model: Qwen2, heads, widths: Sequence[int], batch: int, context: int = 64) -> dict:
-    """('first', w): the drafter's first step over a w-slot chunk with one row of draft logits; ('step', 1)
-    one chained step (draft layer). Medusa-style drafters: their whole k-draft call as the first step."""
-    D = model.cfg.hidden_size
+    """('first', w): the drafter's first step over a w-slot chunk with one row of draft logits, as one call;
+    ('noop', w) a call with the same arguments that does nothing (its dispatch); draft layer: ('chain', n) n
+    chained steps in one call, so a further step's cost is (chain(n) - first(1)) / (n - 1), free of dispatch.
+    Medusa-style drafters: their whole k-draft call as the first step."""
     kernel = heads.draft_kernel(model)
     cache = heads.init_cache(batch, context + 64, model.cfg.jnp_dtype)
     mg, ms = nnx.split(model)
     hg, hs = nnx.split(heads)
     fns = {}
     if isinstance(heads.drafter, DraftLayer):
-        @jax.jit
-        def first(ms, hs, hidden, tokens, positions, cache):  # one step as decode/chain.py runs it (greedy)
-            m, h = nnx.merge(mg, ms), nnx.merge(hg, hs)
-            feats, _ = h.drafter.step(m, hidden, tokens, positions, cache[0])
-            _, token, conf, *_ = draft_scores(h, m, feats[:, -1:], kernel, None, 0, jnp.float32(1.0))
-            return token, conf
+        def chain_of(n):
+            @jax.jit
+            def chain(ms, hs, hidden, tokens, positions, cache):  # n chained steps as decode/chain.py runs them
+                m, h = nnx.merge(mg, ms), nnx.merge(hg, hs)
+                score = lambda j, f: draft_scores(h, m, f, kernel, None, j, jnp.float32(1.0))[1:3]  # noqa: E731
+                anchor = jnp.full((batch,), hidden.shape[1] - 1, jnp.int32)
+                outs, _ = h.drafter.chain(m, hidden, tokens, positions, anchor, n, cache, score)
+                return jnp.stack([o[0] for o in outs], 1)
+            return chain
 
+        one, longer = chain_of(1), chain_of(CHAIN_STEPS)
         for w in sorted(set(widths) | {1}):
-            hidden = jnp.ones((batch, w, D), model.cfg.jnp_dtype)
-            tokens = jnp.full((batch, w), 7, jnp.int32)
-            positions = jnp.broadcast_to(context + jnp.arange(w, dtype=jnp.int32), (batch, w))
-            fns["first", w] = lambda a=(hidden, tokens, positions): first(ms, hs, *a, cache)
+            args = _chunk(model, batch, w, context)
+            fns["first", w] = lambda a=args: one(ms, hs, *a, cache)
+            fns["noop", w] = lambda a=args: _noop(ms, hs, *a, cache)
+        args = _chunk(model, batch, 1, context)
+        fns["chain", CHAIN_STEPS] = lambda: longer(ms, hs, *args, cache)
         return fns
     k = heads.cfg.k
 
@@ -208,10 +231,9 @@ def _draft_fns(model: Qwen2, heads, widths: Sequence[int], batch: int, context: 
         anchor = jnp.zeros((batch,), jnp.int32)
         return h.draft(m, hidden, tokens, positions, anchor, k, cache, pick, kernel).tokens
 
-    hidden = jnp.ones((batch, 1, D), model.cfg.jnp_dtype)
-    tokens = jnp.full((batch, 1), 7, jnp.int32)
-    positions = jnp.full((batch, 1), context, jnp.int32)
-    fns["first", 1] = lambda: whole(ms, hs, hidden, tokens, positions)
+    args = _chunk(model, batch, 1, context)
+    fns["first", 1] = lambda: whole(ms, hs, *args)
+    fns["noop", 1] = lambda: _noop(ms, hs, *args)
     return fns
 
 
@@ -239,18 +261,25 @@ def measure(model: Qwen2, heads=None, widths: Sequence[int] = (1, 2, 3, 4), draf
         dfns = _draft_fns(model, heads, sorted(set(draft_widths) | {1}), batch)
         fns.update({("draft",) + key: f for key, f in dfns.items()})
     t = _time(fns, rounds)
+    # inside the jitted loop no pass pays a call's dispatch: each timing less its no-op call's, round by round
+    net = lambda key, noop: np.maximum(t[key] - t[noop], 1e-6)  # noqa: E731
     # each round's costs relative to its own one-slot pass (load drifts between rounds), then the median
-    per_round = {w: t["head", w] + scale * t["trunk", w] for w in widths}  # [rounds] each
+    per_round = {w: net(("head", w), ("head", "noop")) + scale * net(("trunk", w), ("trunk", "noop"))
+                 for w in widths}  # [rounds] each
     rel = {w: float(np.median(per_round[w] / per_round[1])) for w in widths}
     for a, b in zip(widths, widths[1:]):  # a pass over more slots never costs less (noise aside)
         rel[b] = max(rel[b], rel[a])
     # the unit is the whole model's one-slot pass, timed as it runs (a shallow trunk scaled up overstates it: the
     # per-call costs scale too); the shallow timings give the ratios between widths
-    out = {"ms": 1e3 * float(np.median(t["whole", 1])), "width": rel, "drafters": {}}
+    unit = net(("whole", 1), ("whole", "noop"))  # [rounds]
+    out = {"ms": 1e3 * float(np.median(unit)), "width": rel, "drafters": {}}
     if sig is not None:
-        first = {key[2]: float(np.median(t[key] / t["whole", 1])) for key in t if key[:2] == ("draft", "first")}
-        # a chained step is a one-slot first step (same layer, one row of draft logits); Medusa heads draft at once
-        step = first[1] if isinstance(heads.drafter, DraftLayer) else 0.0
+        first = {key[2]: float(np.median(net(key, ("draft", "noop", key[2])) / unit))
+                 for key in t if key[:2] == ("draft", "first")}
+        step = 0.0  # Medusa heads draft at once
+        if isinstance(heads.drafter, DraftLayer):  # further steps: the chain's slope, in one call (no dispatch)
+            longer = t["draft", "chain", CHAIN_STEPS] - t["draft", "first", 1]
+            step = float(np.median(np.maximum(longer, 1e-6) / (CHAIN_STEPS - 1) / unit))
         out["drafters"][sig] = {"first": first, "step": step}
     log.info("measured pass costs in %.1f s (%d widths%s)", time.perf_counter() - t0, len(widths),
              ", drafter" if sig else "")
