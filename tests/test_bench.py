@@ -144,3 +144,14 @@ def test_bench_without_a_gate(tiny_setup, tmp_path, monkeypatch):
     assert "gate" not in seen and "verify" in seen and "clp" in seen
     with pytest.raises(ValueError, match="gate baseline"):
         bench.run(bench.parse_args(common + ["--modes", "ar,verify,gate"]))
+
+
+def test_vllm_acceptance_reads_the_spec_counters():
+    """The vLLM peers' tokens per pass and per-position acceptance come from its counters (a pure function the
+    vLLM rows call; a slip once deleted it, and no test without vLLM reached it)."""
+    from clp_jax.bench.run import vllm_acceptance
+
+    spec = {"vllm:spec_decode_num_drafts": 10, "vllm:spec_decode_num_accepted_tokens_per_pos[1]": 3,
+            "vllm:spec_decode_num_accepted_tokens_per_pos[0]": 6}
+    out = vllm_acceptance(spec, tokens=30, prompts=2)
+    assert out["tokens_per_pass"] == 30 / 12 and out["head_acceptance"] == [0.6, 0.3]

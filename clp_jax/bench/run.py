@@ -154,6 +154,16 @@ def _costs_of(decoders: dict, runs: dict) -> dict | None:
     return None
 
 
+def vllm_acceptance(spec: dict, tokens: int, prompts: int) -> dict:
+    """tokens per pass and per-position acceptance of vLLM's MTP drafts from its counters."""
+    chains = max(spec.get("vllm:spec_decode_num_drafts", 0), 1)
+    per_pos = [spec[key] / chains for key in sorted((k for k in spec if "accepted_tokens_per_pos" in k),
+                                                key=lambda k: int(k.rsplit("[", 1)[1].rstrip("]")))]
+    # each draft chain rides one decoding pass; the prefill emits each prompt's first token
+    return {"tokens_per_pass": tokens / (chains + prompts), "head_acceptance": [round(a, 4) for a in per_pos],
+            "vllm_spec": spec}
+
+
 def warm_up(decoder: Decoder, samples: Sequence[Sample]) -> None:
     """Compiles prefill and loop for every prompt bucket, so no timed run pays for compilation."""
     seen = set()
