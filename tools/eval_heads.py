@@ -26,7 +26,7 @@ from clp_jax.drafting import checkpoint  # noqa: E402
 from clp_jax.train import data as data_lib  # noqa: E402
 from clp_jax.train import feature_store as fs  # noqa: E402
 from clp_jax.train.loop import evaluate  # noqa: E402
-from clp_jax.train.pipeline import heldout_by_kind  # noqa: E402
+from clp_jax.train.pipeline import heldout_by_kind, split_indices  # noqa: E402
 from clp_jax.train.run_config import load_config  # noqa: E402
 from clp_jax.train.step import Trainer  # noqa: E402
 from clp_jax.weights.assets import cache_dir  # noqa: E402
@@ -47,9 +47,7 @@ def main(argv=None) -> int:
     plan = data_lib.build_store(cfg.data, inputs, cfg.run.store_dir, backbone=backbone.model, make_generator=None,
                                 feature_batch_size=1, progress=False, missing="skip")
     store = fs.FeatureStore(cfg.run.store_dir, plan)
-    split = np.array([fs.split_of(r, cfg.data.heldout_fraction, cfg.data.clp_fraction) for r in store.record_ids])
-    held = np.flatnonzero(split == "heldout")
-    by_kind = heldout_by_kind(store, held, args.records)
+    by_kind = heldout_by_kind(store, split_indices(store, cfg.data)["heldout"], args.records)
     results = {}
     for path in args.heads:
         heads = checkpoint.load_heads(path, backbone.cfg)

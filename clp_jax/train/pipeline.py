@@ -58,14 +58,18 @@ def _digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def splits(store: fs.FeatureStore, cfg: Config, out_dir: str) -> dict[str, np.ndarray]:
-    """Record indices per split ('train', 'clp', 'heldout'); CLP records are self-distilled ones only
-    (corpus records of that split train the drafter). Written to out_dir/splits.json."""
-    dc = cfg.data
+def split_indices(store: fs.FeatureStore, dc) -> dict[str, np.ndarray]:
+    """Record indices per split ('train', 'clp', 'heldout'), a fixed function of each record's id; CLP records are
+    self-distilled ones only (corpus records of that split train the drafter)."""
     names = np.array([fs.split_of(r, dc.heldout_fraction, dc.clp_fraction) for r in store.record_ids])
     corpus = store.kinds == KINDS.index("corpus")
-    out = {"heldout": np.flatnonzero(names == "heldout"), "clp": np.flatnonzero((names == "clp") & ~corpus),
-           "train": np.flatnonzero((names == "train") | ((names == "clp") & corpus))}
+    return {"heldout": np.flatnonzero(names == "heldout"), "clp": np.flatnonzero((names == "clp") & ~corpus),
+            "train": np.flatnonzero((names == "train") | ((names == "clp") & corpus))}
+
+
+def splits(store: fs.FeatureStore, cfg: Config, out_dir: str) -> dict[str, np.ndarray]:
+    """`split_indices`, written to out_dir/splits.json."""
+    out = split_indices(store, cfg.data)
     if multihost.is_writer():
         with open(os.path.join(out_dir, "splits.json"), "w") as f:
             json.dump({k: [store.record_ids[i] for i in v] for k, v in out.items() if k != "train"}
