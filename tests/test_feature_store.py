@@ -166,3 +166,9 @@ def test_a_lost_store_is_rebuilt_from_kept_continuations(model, tmp_path, caplog
     assert have == [s for s in plan if s != "chat_000002_000004"] and not (tmp_path / "a" / "chat_000002_000004").exists()
     with pytest.raises(ValueError, match="none of the plan's shards"):
         data.build_store(dc, inputs, str(tmp_path / "e"), make_generator=never, missing="skip", **kw)
+    # missing="teacher-forced": kept continuations and corpus text are built, a shard that needs generating is not
+    os.remove(os.path.join(kept, "chat_000002_000004.npz"))  # (the kept files are "other:f32"'s since store d)
+    have = data.build_store(dc, inputs, str(tmp_path / "f"), make_generator=never, missing="teacher-forced",
+                            **{**kw, "backbone_id": "other:f32"})
+    assert have == [s for s in plan if s != "chat_000002_000004"] and "corpus_000000_000002" in have
+    assert not (tmp_path / "f" / "chat_000002_000004").exists()

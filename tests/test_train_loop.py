@@ -204,7 +204,7 @@ def test_load_config_with_overrides(tmp_path):
                          ("train.soft_weight=0.5", "needs soft labels"),
                          ("data.chat_prompts=-1", "data.chat_prompts must be in"),
                          ('run.stop_after="eval"', "run.stop_after"), ('run.init_from="/no/such"', "init_from"),
-                         ('run.missing_shards="wait"', "run.missing_shards must be 'build' or 'skip'")):
+                         ('run.missing_shards="wait"', "run.missing_shards must be 'build', 'skip' or 'teacher-forced'")):
         extra = ["data.soft_topk=0"] if "soft_weight" in bad else []
         with pytest.raises(ConfigError, match=message):
             load_config(str(path), [bad] + extra)

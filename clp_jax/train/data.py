@@ -261,17 +261,19 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
     """Writes every missing shard of the plan (resumable: complete shards are kept; on several processes
     each writes every P-th shard) and returns the plan's shard names in order.
 
-    Generation comes first, since it is the dear part: the prompts of every missing self-distilled shard
-    stream through one continuously batched `ar` decoder (`make_generator()` gives `stream(prompts)`, built
-    only when something is missing), and each shard is written as soon as its last record finishes, so a
-    killed job loses only the records in flight. With `continuations_dir`, each generated shard's tokens are
-    kept there (`<shard>.npz`, tagged with `backbone_id` and the settings), and a missing self-distilled shard
-    whose tokens are kept is rebuilt from them by one teacher-forced pass instead; a kept file that is
-    corrupted or was made from other inputs or settings is logged and generated again, never used. Corpus
-    shards (teacher-forced) come last.
+    With `continuations_dir`, each generated shard's tokens are kept there (`<shard>.npz`, tagged with
+    `backbone_id` and the settings), and a missing self-distilled shard whose tokens are kept is rebuilt from them
+    by one teacher-forced pass, first, so what was generated before is restored before anything new; a kept file
+    that is corrupted or was made from other inputs or settings is logged and generated again, never used. Then
+    the prompts of every other missing self-distilled shard stream through one continuously batched `ar` decoder
+    (`make_generator()` gives `stream(prompts)`, built only when something is missing), each shard written as
+    soon as its last record finishes, so a killed job loses only the records in flight. Corpus shards
+    (teacher-forced) come last.
 
     With `missing="skip"` nothing is built: the plan's complete shards are returned (checked as above) and the
-    missing ones are logged, so a drafter can train on what a data job running elsewhere has written so far."""
+    missing ones are logged, so a drafter can train on what a data job running elsewhere has written so far.
+    With `missing="teacher-forced"` only what needs no generation is built (kept continuations, corpus text),
+    several times cheaper per target than generating, and the complete shards are returned as with "skip"."""
     os.makedirs(store_dir, exist_ok=True)
     done = {d for d in os.listdir(store_dir) if os.path.exists(os.path.join(store_dir, d, fs.META))}
     counts = {kind: len(rows) for kind, rows in inputs.items() if rows}
@@ -290,13 +292,7 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
             raise ValueError(f"Feature shard {s} in {store_dir} was built from other inputs (another corpus, "
                              "tokenizer or prompt set); use a new run.features_dir.")
     if missing == "skip":
-        have = [s.name for s in plan if s.name in done]
-        if not have:
-            raise ValueError(f"The feature store {store_dir} holds none of the plan's shards; build them "
-                             "(run.missing_shards = \"build\") or point run.features_dir at a built store.")
-        log.info("feature store: %d of the plan's %d shards are complete; %d missing ones skipped "
-                 "(run.missing_shards = \"skip\")", len(have), len(plan), len(plan) - len(have))
-        return have
+        return _complete(plan, store_dir, missing)
     if continuations_dir:
         os.makedirs(continuations_dir, exist_ok=True)
 
@@ -321,14 +317,42 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
                 kept[spec.name] = fs.load_continuations(path, expect(spec), inputs[spec.kind][spec.start:spec.stop])
                 continue
             except fs.StaleContinuations as e:
-                log.warning("continuations: %s; generating shard %s again.", e, spec.name)
+                log.warning("continuations: %s; not used: generating shard %s again.", e, spec.name)
         generate.append(spec)
-    bar = tqdm(total=len(todo), desc="feature shards", unit="shard", disable=not progress)
+    if missing != "build":
+        generate = []
+    rebuilt = [spec for spec in todo if spec.name in kept]
+    corpus = [spec for spec in todo if spec.kind == "corpus"]
+    bar = tqdm(total=len(rebuilt) + len(generate) + len(corpus), desc="feature shards", unit="shard",
+               disable=not progress)
+    _teacher_force(dc, inputs, rebuilt, backbone, kept, continuations_dir, feature_batch_size, write, bar)
     if generate:
         _generate_shards(dc, inputs, generate, make_generator(), write, continuations_dir, expect, bar)
-    for spec in todo:  # teacher-forced: rebuilt from kept continuations, then corpus text
-        if spec.name not in kept and spec.kind != "corpus":
-            continue
+    _teacher_force(dc, inputs, corpus, backbone, kept, continuations_dir, feature_batch_size, write, bar)
+    bar.close()
+    multihost.barrier(f"clp_jax feature store {store_dir}")
+    if missing != "build":
+        return _complete(plan, store_dir, missing)
+    return [s.name for s in plan]
+
+
+def _complete(plan, store_dir: str, missing: str) -> list[str]:
+    """The plan's complete shards, in order (the store is still being filled elsewhere, or its generation
+    skipped); logs how many are missing."""
+    have = [s.name for s in plan if os.path.exists(os.path.join(store_dir, s.name, fs.META))]
+    if not have:
+        raise ValueError(f"The feature store {store_dir} holds none of the plan's shards; build them "
+                         "(run.missing_shards = \"build\") or point run.features_dir at a built store.")
+    log.info("feature store: %d of the plan's %d shards are complete; %d missing ones skipped "
+             "(run.missing_shards = \"%s\")", len(have), len(plan), len(plan) - len(have), missing)
+    return have
+
+
+def _teacher_force(dc: DataConfig, inputs, specs, backbone, kept: dict, continuations_dir: str,
+                   feature_batch_size: int, write, bar) -> None:
+    """Writes `specs` by one teacher-forced pass each: corpus text, or the kept continuations of a generated
+    shard (taken out of `kept`)."""
+    for spec in specs:
         t0 = time.perf_counter()
         bar.set_postfix(shard=spec.name)
         if spec.kind == "corpus":
@@ -342,9 +366,6 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
             source = f"rebuilt from {os.path.join(continuations_dir, spec.name + '.npz')}"
         write(spec, arrays, time.perf_counter() - t0, source)
         bar.update(1)
-    bar.close()
-    multihost.barrier(f"clp_jax feature store {store_dir}")
-    return [s.name for s in plan]
 
 
 def _generate_shards(dc: DataConfig, inputs, specs, stream, write, continuations_dir: str, expect, bar) -> None:

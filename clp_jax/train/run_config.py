@@ -68,7 +68,8 @@ class RunConfig:
     # a store lost with its machine is rebuilt from them by teacher forcing instead of generation ("": none)
     continuations_dir: str = ""
     # "build": write every missing shard of the plan before training; "skip": train on the complete shards
-    # the store holds now (e.g. while a data job elsewhere is still filling it)
+    # the store holds now (e.g. while a data job elsewhere is still filling it); "teacher-forced": build only
+    # what needs no generation (kept continuations, corpus text), then train on the complete shards
     missing_shards: str = "build"
     steps: int = 200  # drafter phase
     batch_size: int = 8  # windows per step, global over all processes
@@ -116,8 +117,9 @@ class RunConfig:
             raise ConfigError("run.out_dir is empty: name a directory for the run's outputs.")
         if self.time_budget_minutes < 0:
             raise ConfigError(f"run.time_budget_minutes must be >= 0, got {self.time_budget_minutes}.")
-        if self.missing_shards not in ("build", "skip"):
-            raise ConfigError(f"run.missing_shards must be 'build' or 'skip', got {self.missing_shards!r}.")
+        if self.missing_shards not in ("build", "skip", "teacher-forced"):
+            raise ConfigError("run.missing_shards must be 'build', 'skip' or 'teacher-forced', "
+                              f"got {self.missing_shards!r}.")
         if self.stop_after not in ("", "features", "drafter"):
             raise ConfigError(f"run.stop_after must be '', 'features' or 'drafter', got {self.stop_after!r}.")
         if self.init_from and not os.path.isdir(os.path.expanduser(self.init_from)):
