@@ -261,14 +261,14 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
     """Writes every missing shard of the plan (resumable: complete shards are kept; on several processes
     each writes every P-th shard) and returns the plan's shard names in order.
 
+    Generation comes first: the prompts of every missing self-distilled shard stream through one continuously
+    batched `ar` decoder (`make_generator()` gives `stream(prompts)`, built only when something is missing), and
+    each shard is written as soon as its last record finishes, so a killed job loses only the records in flight.
     With `continuations_dir`, each generated shard's tokens are kept there (`<shard>.npz`, tagged with
-    `backbone_id` and the settings), and a missing self-distilled shard whose tokens are kept is rebuilt from them
-    by one teacher-forced pass, first, so what was generated before is restored before anything new; a kept file
-    that is corrupted or was made from other inputs or settings is logged and generated again, never used. Then
-    the prompts of every other missing self-distilled shard stream through one continuously batched `ar` decoder
-    (`make_generator()` gives `stream(prompts)`, built only when something is missing), each shard written as
-    soon as its last record finishes, so a killed job loses only the records in flight. Corpus shards
-    (teacher-forced) come last.
+    `backbone_id` and the settings): what outlives the machine is made first (on a CPU a teacher-forced target
+    costs about what a generated one does: both are compute-bound). A missing self-distilled shard whose tokens
+    are kept is rebuilt from them by one teacher-forced pass instead; a kept file that is corrupted or was made
+    from other inputs or settings is logged and generated again, never used. Corpus shards come last.
 
     With `missing="skip"` nothing is built: the plan's complete shards are returned (checked as above) and the
     missing ones are logged, so a drafter can train on what a data job running elsewhere has written so far.
@@ -325,10 +325,9 @@ def build_store(dc: DataConfig, inputs: dict[str, list[list[int]]], store_dir: s
     corpus = [spec for spec in todo if spec.kind == "corpus"]
     bar = tqdm(total=len(rebuilt) + len(generate) + len(corpus), desc="feature shards", unit="shard",
                disable=not progress)
-    _teacher_force(dc, inputs, rebuilt, backbone, kept, continuations_dir, feature_batch_size, write, bar)
     if generate:
         _generate_shards(dc, inputs, generate, make_generator(), write, continuations_dir, expect, bar)
-    _teacher_force(dc, inputs, corpus, backbone, kept, continuations_dir, feature_batch_size, write, bar)
+    _teacher_force(dc, inputs, rebuilt + corpus, backbone, kept, continuations_dir, feature_batch_size, write, bar)
     bar.close()
     multihost.barrier(f"clp_jax feature store {store_dir}")
     if missing != "build":
