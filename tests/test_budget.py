@@ -103,22 +103,47 @@ def test_draft_layer_catch_up_keeps_ar_and_saves_cost(model, prompts, long_ar):
 
 def test_budget_rule():
     """Sure drafts: feed all; hopeless: none; a weak first draft before sure ones: all (greedy looks at
-    every draft computed); the chain goes on while one more draft like the last would raise the rate."""
+    every draft computed); the chain goes on while one more draft like the last would raise the value."""
     b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
     stats = Stats.init(1, 3)
+    L = stats.rate()
+    assert float(L[0]) == pytest.approx(budget.RATE_INIT)
     D = jnp.asarray([0.075])
     yes = jnp.ones((1,), bool)
     for c, m in (([0.99, 0.99, 0.99], 3), ([0.05, 0.05, 0.05], 0), ([0.3, 0.9, 0.9], 3)):
         conf = b.corrected(jnp.asarray([c]), stats)
-        assert int(b.choose(conf, jnp.asarray([3]), D + 0.15, yes[:, None].repeat(3, 1))[0]) == m, c
-    feed, more = b.after_step(jnp.asarray([[0.5]]), D, yes)
-    assert bool(feed[0]) and bool(more[0])  # 1.5 / 1.425 > 1 / 1.075, and (1.5 + 0.25) / 1.53 more
-    feed, more = b.after_step(jnp.asarray([[0.05]]), D, yes)
+        assert int(b.choose(conf, jnp.asarray([3]), D + 0.15, yes[:, None].repeat(3, 1), L)[0]) == m, c
+    feed, more = b.after_step(jnp.asarray([[0.5]]), D, yes, L)
+    assert bool(feed[0]) and bool(more[0])  # 1.5 + 0.25 + 0.125 - 1.2 x 1.625 beats 1 - 1.2 x 1.075
+    feed, more = b.after_step(jnp.asarray([[0.05]]), D, yes, L)
     assert not bool(more[0]) and not bool(feed[0])
     # the online correction: drafts seen wrong at confidence 0.9 count for much less
-    wrong = Stats(jnp.zeros((1, 3)), jnp.full((1, 3), 20.0), jnp.zeros((1,)), jnp.zeros((1,)))
+    wrong = dataclasses.replace(Stats.init(1, 3), seen=jnp.full((1, 3), 20.0), gain=jnp.zeros((1,)))
     c = float(b.corrected(jnp.asarray([[0.9]]), wrong)[0, 0])
     assert c == pytest.approx(0.9 * budget.PRIOR / (20.0 + budget.PRIOR)) and c < 0.3
+
+
+def test_a_pass_is_valued_at_the_rows_long_run_rate():
+    """The rate L follows the tokens and cost of the row's passes (discounted); a draft is fed when its chance
+    beats L x the extra width's cost, whatever the drafting already spent (the ratio of each pass, the rule
+    before, counted that sunk cost in and so fed less where drafting was dear)."""
+    b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
+    yes = jnp.ones((1,), bool)
+    s = Stats.init(1, 3)
+    s = b.account(s, jnp.asarray([4.0]), jnp.asarray([2.0]), yes)  # a pass: 4 tokens at cost 2
+    L0 = budget.RATE_PRIOR * budget.RATE_INIT
+    assert float(s.rate()[0]) == pytest.approx((budget.RATE_DISCOUNT * L0 + 4) / (budget.RATE_DISCOUNT * 2 + 2))
+    for _ in range(200):  # the prior fades: every pass commits 4 tokens at cost 1.6
+        s = b.account(s, jnp.asarray([4.0]), jnp.asarray([1.6]), yes)
+    assert float(s.rate()[0]) == pytest.approx(2.5, rel=1e-3)
+    idle = b.account(s, jnp.asarray([1.0]), jnp.asarray([1.0]), ~yes)  # a finished row learns nothing
+    assert float(idle.rate()[0]) == float(s.rate()[0])
+    # feed the first draft iff its chance beats L x (P(2) - P(1)) = L x 0.35, for any sunk drafting cost
+    c, steps, fed = jnp.asarray([[0.4, 0.0, 0.0]]), jnp.asarray([1]), jnp.ones((1, 3), bool)
+    for D in (0.0, 0.5, 2.0):
+        D = jnp.asarray([D])
+        assert int(b.choose(c, steps, D, fed, jnp.asarray([1.0]))[0]) == 1  # 0.4 > 0.35
+        assert int(b.choose(c, steps, D, fed, jnp.asarray([1.2]))[0]) == 0  # 0.4 < 0.42
 
 
 def test_a_probe_only_looks():
@@ -127,14 +152,15 @@ def test_a_probe_only_looks():
     b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
     k, cost = 3, 0.075
     seasoned = jnp.full((2,), 100.0)  # drafting passes seen: the gain forgets at GAIN_RATE
-    stats = Stats(jnp.zeros((2, k)), jnp.zeros((2, k)), jnp.asarray([-0.1, 0.2]), seasoned)  # row 0 probes
+    stats = dataclasses.replace(Stats.init(2, k), gain=jnp.asarray([-0.1, 0.2]), drafting=seasoned)  # row 0 probes
     assert b.probing(stats).tolist() == [True, False]
     conf = jnp.asarray([[0.9, 0, 0], [0.9, 0, 0]])
     none, yes = jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool)
     after = b.observe(stats, conf, none, none, (yes, jnp.ones((2,))), yes, jnp.full((2,), cost), yes)
     g_probe = 1.0 - (CPU.width[1] - CPU.width[0]) - cost
-    r = budget.GAIN_RATE
-    assert float(after.gain[0]) == pytest.approx((1 - r) * -0.1 + r * g_probe)  # right: drafting resumes
+    r, rp = budget.GAIN_RATE, budget.PROBE_WEIGHT  # a probe weighs the PROBE_EVERY tokens it stands for
+    assert float(after.gain[0]) == pytest.approx((1 - rp) * -0.1 + rp * g_probe)  # right: drafting resumes
+    assert not b.probing(after).tolist()[0]
     assert float(after.gain[1]) == pytest.approx((1 - r) * 0.2 - r * cost)
     assert float(after.hit[0, 0]) == 1.0 and float(after.seen[0, 0]) == pytest.approx(0.9)
     wrong = b.observe(stats, conf, none, none, (yes, jnp.zeros((2,))), yes, jnp.full((2,), cost), yes)

@@ -4,14 +4,19 @@ How many drafts to compute and to feed, from confidences and measured costs.
 
 A row's next pass feeds m drafts after its bonus token (m+1 slots). With a_i the chance that drafts 1..i
 are all accepted, it commits 1 + sum_{i<=m} a_i tokens in expectation and costs P(m+1) + D (the pass at
-that width and the drafting spent; decode/pass_costs.py), so the budget feeds the m in 0..k that
-maximises the rate R(m) = (1 + A_m) / (P(m+1) + D); m = 0 is an `ar`-cost pass.
+that width and the drafting spent; decode/pass_costs.py). What counts is the row's long-run rate, tokens
+per cost over all its passes, not each pass's own: the budget feeds the m in 0..k that maximises the pass's
+value V(m) = 1 + A_m - L (P(m+1) + D), with L the row's rate so far (Dinkelbach's rule: a policy that
+maximises tokens - L x cost at L = its own rate maximises the rate; L is a discounted tokens / cost of the
+row's passes, starting from RATE_INIT). m = 0 is an `ar`-cost pass. Scoring each pass by its own ratio
+instead (the rule before 2026-12-07) fed a draft only where it beat that pass's ratio, which the drafting
+cost D already spent lowers: it fed too little.
 
 * a_i = c'_1 ... c'_i, c'_j = min(1, f_j * c_j): c_j is draft j's calibrated top-1 probability
   softmax(logits_j / T_j) (`Heads.calibration`, else DEFAULT_TEMPERATURE) and f_j a per-row correction
   learnt online from the drafts this row has seen verified at depth j ((hits + PRIOR) / (sum c + PRIOR)).
 * The chain drafts one more step only while its look-ahead (the next drafts assumed as sure as the last,
-  one draft step each) beats the best rate it already has.
+  one draft step each) beats the best value it already has.
 * Whether to draft at all: each row keeps a running mean of what drafting gained it, in `ar` passes
   (accepted drafts - extra pass cost - drafting cost; a prior of GAIN_PRIOR passes, then forgetting slowly, so
   a few misses do not stop a row whose drafts pay on average); below zero the row stops drafting and decodes at
@@ -51,6 +56,15 @@ GAIN_INIT = 0.25  # drafting starts on
 GAIN_PRIOR = 2.0
 GAIN_RATE = 0.05
 PROBE_EVERY = 8  # a row that stopped drafting drafts again after this many committed tokens
+# A probe is the row's only look at its drafts in PROBE_EVERY tokens, so it weighs as many passes would: at
+# GAIN_RATE alone a stopped row whose drafts had turned good needed several right probes (dozens of tokens at
+# `ar` cost) to resume; on the bench's code prompts stops then cost 4.5% (tools/budget_sweep.py, 2026-12-07).
+PROBE_WEIGHT = PROBE_EVERY * GAIN_RATE
+# The row's rate L (tokens per one-slot pass) starts as RATE_PRIOR pseudo-passes at RATE_INIT, then follows its
+# passes, older ones (and the prior) discounted by RATE_DISCOUNT each.
+RATE_INIT = 1.2
+RATE_PRIOR = 2.0
+RATE_DISCOUNT = 0.95
 
 
 @jax.tree_util.register_dataclass
@@ -62,11 +76,18 @@ class Stats:
     seen: jax.Array  # [B, k] discounted sum of those drafts' calibrated confidences
     gain: jax.Array  # [B] running mean gain of drafting, in ar passes per drafting pass
     drafting: jax.Array  # [B] drafting passes the gain has seen
+    made: jax.Array  # [B] discounted tokens the row's passes committed (RATE_PRIOR x RATE_INIT to start)
+    paid: jax.Array  # [B] ... and their discounted cost, pass and drafting, in one-slot passes (RATE_PRIOR)
 
     @classmethod
     def init(cls, B: int, k: int) -> "Stats":
-        return cls(jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.float32),
-                   jnp.full((B,), GAIN_INIT, jnp.float32), jnp.zeros((B,), jnp.float32))
+        full = lambda v: jnp.full((B,), v, jnp.float32)  # noqa: E731
+        return cls(jnp.zeros((B, k), jnp.float32), jnp.zeros((B, k), jnp.float32), full(GAIN_INIT), full(0.0),
+                   full(RATE_PRIOR * RATE_INIT), full(RATE_PRIOR))
+
+    def rate(self) -> jax.Array:
+        """[B] the row's long-run tokens per one-slot pass, L."""
+        return self.made / self.paid
 
 
 def confidence(logits: jax.Array, temperature) -> jax.Array:
@@ -98,15 +119,15 @@ class Budget:
         f = (stats.hit[:, :j] + PRIOR) / (stats.seen[:, :j] + PRIOR)
         return jnp.minimum(conf * f, 1.0)
 
-    def rates(self, c: jax.Array, D: jax.Array) -> jax.Array:
-        """R(m) for m = 0..j [B, j+1] from corrected confidences c [B, j] and sunk drafting cost D [B]."""
+    def values(self, c: jax.Array, D: jax.Array, L: jax.Array) -> jax.Array:
+        """V(m) for m = 0..j [B, j+1] from corrected confidences c [B, j], drafting cost D [B] and rate L [B]."""
         j = c.shape[1]
         a = jnp.cumprod(c, axis=1)
         tokens = 1.0 + jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, 1)], axis=1)  # [B, j+1]
-        return tokens / (jnp.asarray(self.P[:j + 1])[None, :] + D[:, None])
+        return tokens - L[:, None] * (jnp.asarray(self.P[:j + 1])[None, :] + D[:, None])
 
-    def lookahead(self, c: jax.Array, D: jax.Array) -> jax.Array:
-        """[B] the best rate over m > j if drafting on, each further draft as sure as the last (one step each)."""
+    def lookahead(self, c: jax.Array, D: jax.Array, L: jax.Array) -> jax.Array:
+        """[B] the best value over m > j if drafting on, each further draft as sure as the last (one step each)."""
         j = c.shape[1]
         if j >= self.k:
             return jnp.full(c.shape[:1], -jnp.inf)
@@ -116,25 +137,25 @@ class Budget:
         extra = jnp.zeros_like(A)
         for t in range(1, self.k - j + 1):
             extra = extra + last * sure ** t
-            best = jnp.maximum(best, (1.0 + A + extra) / (self.P[j + t] + D + t * self.s))
+            best = jnp.maximum(best, 1.0 + A + extra - L * (self.P[j + t] + D + t * self.s))
         return best
 
-    def after_step(self, c: jax.Array, D: jax.Array, fed: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """After draft j (c [B, j]; D: drafting so far; fed: drafts 1..j-1 accepted for feeding so far):
-        (feed draft j [B], draft one more [B])."""
-        r = self.rates(c, D)  # [B, j+1]
-        ahead = self.lookahead(c, D)
-        before = jnp.max(r[:, :-1], axis=1)
-        feed = fed & (jnp.maximum(r[:, -1], ahead) >= before)
-        return feed, feed & (ahead > jnp.max(r, axis=1))
+    def after_step(self, c: jax.Array, D: jax.Array, fed: jax.Array, L: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """After draft j (c [B, j]; D: drafting so far; fed: drafts 1..j-1 accepted for feeding so far; L: the
+        row's rate): (feed draft j [B], draft one more [B])."""
+        v = self.values(c, D, L)  # [B, j+1]
+        ahead = self.lookahead(c, D, L)
+        before = jnp.max(v[:, :-1], axis=1)
+        feed = fed & (jnp.maximum(v[:, -1], ahead) >= before)
+        return feed, feed & (ahead > jnp.max(v, axis=1))
 
-    def choose(self, c: jax.Array, steps: jax.Array, D: jax.Array, fed: jax.Array) -> jax.Array:
+    def choose(self, c: jax.Array, steps: jax.Array, D: jax.Array, fed: jax.Array, L: jax.Array) -> jax.Array:
         """Drafts to feed [B]: greedy, the best m <= steps over all computed; sampled, the fed prefix."""
         if not self.greedy:
             return jnp.sum(fed, axis=1).astype(jnp.int32)
-        r = self.rates(c, D)
-        r = jnp.where(jnp.arange(self.k + 1)[None, :] <= steps[:, None], r, -jnp.inf)
-        return jnp.argmax(r, axis=1).astype(jnp.int32)
+        v = self.values(c, D, L)
+        v = jnp.where(jnp.arange(self.k + 1)[None, :] <= steps[:, None], v, -jnp.inf)
+        return jnp.argmax(v, axis=1).astype(jnp.int32)
 
     @staticmethod
     def probing(stats: Stats) -> jax.Array:
@@ -163,5 +184,13 @@ class Budget:
         g = jnp.where(self.probing(stats) & obs, ok - (self.P[1] - self.P[0]) - cost, g)  # what feeding it would earn
         counted = drafted & active
         w = jnp.maximum(1.0 / (stats.drafting + 1.0 + GAIN_PRIOR), GAIN_RATE)  # the newest pass's weight
+        w = jnp.where(self.probing(stats), jnp.maximum(w, PROBE_WEIGHT), w)  # a probe speaks for PROBE_EVERY
         gain = jnp.where(counted, (1 - w) * stats.gain + w * g, stats.gain)
-        return Stats(hit, seen, gain, stats.drafting + counted)
+        return dataclasses.replace(stats, hit=hit, seen=seen, gain=gain, drafting=stats.drafting + counted)
+
+    @staticmethod
+    def account(stats: Stats, tokens: jax.Array, spent: jax.Array, active: jax.Array) -> Stats:
+        """The row's rate after a pass that committed `tokens` [B] at cost `spent` [B] (pass and drafting)."""
+        made = jnp.where(active, RATE_DISCOUNT * stats.made + tokens, stats.made)
+        paid = jnp.where(active, RATE_DISCOUNT * stats.paid + spent, stats.paid)
+        return dataclasses.replace(stats, made=made, paid=paid)

@@ -134,6 +134,11 @@ class Verify(Mode):
             none = jnp.zeros_like(vs.first_unfed)
             lstats = self.budget.observe(lstats, vs.conf, st.n_draft, n_acc, (none, first_ok), none, vs.cost,
                                          active & (vs.source == 1))
+            if not step.prefill:  # the row's rate, over the passes of both draft sources
+                P = jnp.asarray(self.slot_costs, jnp.float32)
+                spent = P[jnp.clip(st.n_draft + st.n_tree, 0, P.shape[0] - 1)] + vs.cost
+                stats = self.budget.account(stats, n_in + 1, spent, active)
+        L = stats.rate()  # [B] the row's tokens per one-slot pass so far (read by the budget only)
         anchor = step.last + n_in  # slot of the last accepted token: its state is h_n for the next drafts
         # the committed text after this step: the accepted drafts are in the buffer already, then the bonus
         lk, use_lookup = None, jnp.zeros_like(active)
@@ -144,10 +149,10 @@ class Verify(Mode):
                 text = text.at[rows, jnp.where(sib_ok, st.length + n_acc, text.shape[1])].set(sib, mode="drop")
             lk = propose(text.at[rows, st.length + n_in].set(bonus), st.length + n_in + 1, k)
             use_lookup = (lk.count > 0) & (lk.ngram >= (BOTH_MIN_NGRAM if self.heads_draft else 1))
-        drafted, gaps = self._draft(ctx, vs, stats, anchor, bonus, key_draft, use_lookup)
-        ch = self._merge_lookup_drafts(drafted, lk, use_lookup, lstats)
-        m = self._how_many(ch, stats, active, use_lookup, lstats)
-        n_sib = self._how_many_siblings(ch, m, stats, use_lookup)
+        drafted, gaps = self._draft(ctx, vs, stats, L, anchor, bonus, key_draft, use_lookup)
+        ch = self._merge_lookup_drafts(drafted, lk, use_lookup, lstats, L)
+        m = self._how_many(ch, stats, active, use_lookup, lstats, L)
+        n_sib = self._how_many_siblings(ch, m, stats, use_lookup, L)
 
         padded = jnp.pad(take_rows(step.chunk, jnp.clip(step.last[:, None] + 1 + jnp.arange(k), 0,
                                                         step.chunk.shape[1] - 1)), ((0, 0), (0, 1)))  # [B, k+1]
@@ -232,7 +237,7 @@ class Verify(Mode):
 
     # ------------------------------------------------------------------ drafting
 
-    def _draft(self, ctx: Ctx, vs: VerifyState, stats: Stats, anchor, bonus, key, use_lookup):
+    def _draft(self, ctx: Ctx, vs: VerifyState, stats: Stats, L, anchor, bonus, key, use_lookup):
         """The drafter's next chain (run only if some row wants it) and the catch-up buffer after it."""
         model, heads, step, k = ctx.model, ctx.heads, ctx.step, self.k
         B, W = step.chunk.shape
@@ -254,7 +259,7 @@ class Verify(Mode):
             probing = self.budget.probing(stats)
 
             def after_step(c, D, fed):
-                feed, more = self.budget.after_step(self.budget.corrected(c, stats), D, fed)
+                feed, more = self.budget.after_step(self.budget.corrected(c, stats), D, fed, L)
                 return feed, more & ~probing  # a probe drafts one step
             # rows whose drafting has not paid stop, but catch up (and look again) every PROBE_EVERY tokens
             want = active & ((~probing & ~use_lookup) | (vs.gap_n + anchor + 1 > PROBE_EVERY))
@@ -305,7 +310,7 @@ class Verify(Mode):
 
         return jax.lax.cond(jnp.any(want), draft, skip, None)
 
-    def _merge_lookup_drafts(self, ch: Chain, lk, use_lookup, lstats: Stats) -> Chain:
+    def _merge_lookup_drafts(self, ch: Chain, lk, use_lookup, lstats: Stats, L) -> Chain:
         """Rows drafting from the context take the retrieved continuation, with the lookup's confidence."""
         if self.dc.draft_source == "heads":
             return ch
@@ -316,16 +321,16 @@ class Verify(Mode):
         if self.budget is not None:  # the sequential feed flags of the retrieved drafts (sampling)
             c, f = self.budget.corrected(c0, lstats), lk.count > 0
             for j in range(k):
-                f = self.budget.after_step(c[:, :j + 1], jnp.zeros_like(c[:, 0]), f)[0] & live[:, j]
+                f = self.budget.after_step(c[:, :j + 1], jnp.zeros_like(c[:, 0]), f, L)[0] & live[:, j]
                 fed.append(f)
         fed = jnp.stack(fed, 1) if fed else live
         pick = lambda a, b: jnp.where(use_lookup.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
         return ch._replace(tokens=pick(lk.tokens, ch.tokens), conf=pick(c0, ch.conf), fed=pick(fed, ch.fed),
                            steps=pick(lk.count, ch.steps), cost=pick(jnp.zeros_like(ch.cost), ch.cost))
 
-    def _how_many_siblings(self, ch: Chain, m, stats: Stats, use_lookup) -> jax.Array | int:
+    def _how_many_siblings(self, ch: Chain, m, stats: Stats, use_lookup, L) -> jax.Array | int:
         """Siblings the next pass feeds beside its m drafts [B] (0 without a tree): at most one per fed depth
-        and none for drafts from the context. Under the budget, the n that maximises the rate with each
+        and none for drafts from the context. Under the budget, the n that maximises the value with each
         sibling's expected tokens, a_{j-1} (1 - c_j) s_j, where s_j = P(runner-up | draft j wrong) is read
         from the calibrated confidences; fixed budgets feed them all."""
         T = self.tree
@@ -344,10 +349,10 @@ class Verify(Mode):
         P = jnp.asarray(self.slot_costs, jnp.float32)
         n = jnp.arange(T + 1)[None, :]
         cost = P[jnp.clip(m[:, None] + n, 0, P.shape[0] - 1)] + ch.cost[:, None]  # width m + 1 + n
-        rate = jnp.where(n <= cap[:, None], (tokens + gain) / cost, -jnp.inf)
-        return jnp.argmax(rate, 1).astype(jnp.int32)
+        value = jnp.where(n <= cap[:, None], tokens + gain - L[:, None] * cost, -jnp.inf)
+        return jnp.argmax(value, 1).astype(jnp.int32)
 
-    def _how_many(self, ch: Chain, stats: Stats, active, use_lookup, lstats: Stats) -> jax.Array:
+    def _how_many(self, ch: Chain, stats: Stats, active, use_lookup, lstats: Stats, L) -> jax.Array:
         """Drafts the next pass feeds per row [B]; rows are topped up to the widest row's count for free
         (the batch runs at that width anyway) from the drafts they computed."""
         k = self.k
@@ -358,7 +363,7 @@ class Verify(Mode):
         else:
             c = jnp.where(use_lookup[:, None], self.budget.corrected(ch.conf, lstats),
                           self.budget.corrected(ch.conf, stats))
-            m = self.budget.choose(c, ch.steps, ch.cost, ch.fed)
+            m = self.budget.choose(c, ch.steps, ch.cost, ch.fed, L)
             m = jnp.where(self.budget.probing(stats) & ~use_lookup, 0, m)  # a probe only looks
         m = jnp.minimum(m, jnp.minimum(ch.steps, k)).astype(jnp.int32)
         widest = jnp.max(jnp.where(active, m, 0))
