@@ -76,6 +76,7 @@ class Stats:
     seen: jax.Array  # [B, k] discounted sum of those drafts' calibrated confidences
     gain: jax.Array  # [B] running mean gain of drafting, in ar passes per drafting pass
     drafting: jax.Array  # [B] drafting passes the gain has seen
+    # the row's rate, kept in the drafter's Stats only (verify accounts every pass there, whatever its source)
     made: jax.Array  # [B] discounted tokens the row's passes committed (RATE_PRIOR x RATE_INIT to start)
     paid: jax.Array  # [B] ... and their discounted cost, pass and drafting, in one-slot passes (RATE_PRIOR)
 
