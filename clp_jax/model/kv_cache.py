@@ -34,6 +34,12 @@ class LayerCache:
 
     def write(self, positions: jax.Array, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
         """Scatters k_new, v_new [B, T, K, H] at positions [B, T]; out-of-range positions are dropped."""
+        if positions.size == 1:
+            # XLA turns a one-entry scatter into a dynamic-update-slice, which its fusion then duplicated for the
+            # attention dots' size-1-batch view: inside the decoding loop every layer's cache was copied every
+            # pass (7 of 75 ms of an `ar` pass at batch 1). A second entry, past the cache, keeps it a scatter.
+            positions = jnp.concatenate([positions, jnp.full_like(positions, self.capacity)], axis=1)  # [1, 2]
+            k_new, v_new = (jnp.concatenate([x, x], axis=1) for x in (k_new, v_new))
         rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)  # [B, T]
         # advanced indices apart from the sliced axes: the indexed views are [B, T, K, H], as the new entries
         k = self.k.at[rows, :, :, positions].set(k_new.astype(self.k.dtype), mode="drop")
