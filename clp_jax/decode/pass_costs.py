@@ -13,7 +13,8 @@ held against its clock (`clock_check`).
 Measurement (`measure`) times the whole model's one-slot pass (the table's unit, in ms) and, for the ratios
 between widths, a shallow copy of the trunk (its first layers, same weights) and the output projection
 separately at each width, at the cache length decoding uses (attention reads the whole static
-cache, so a pass costs what its cache holds, not what is filled), interleaved over rounds, and takes medians:
+cache, so a pass costs what its cache holds, not what is filled), each writing its cache in place (donated) as
+the loop's passes do, interleaved over rounds, and takes medians:
 cost(w) = head(w) + L/n * layers_n(w); on a loaded machine load hits every width alike. The drafter is timed
 the same way, its further steps as the slope of a chain run in one call. Every timing is taken less its call's
 dispatch (a no-op call with the same arguments, timed beside it): passes inside the jitted loop pay none. The
@@ -29,6 +30,7 @@ bucket; `load_or_measure` fills in what is missing and `remeasure=True` discards
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -52,8 +54,9 @@ log = logging.getLogger(__name__)
 SHALLOW_LAYERS = 4  # layers of the timed trunk copy (the per-layer cost is scaled to the full depth)
 CHAIN_STEPS = 4  # the drafter's further steps are timed as a chain of this many in one call
 # 6: the overhead in one-slot passes, from runs whose unit (an ar pass) was timed beside them; 7: every timing
-# less its call's dispatch (a no-op call with the same arguments), the drafter's further steps from one chain
-VERSION = 7
+# less its call's dispatch (a no-op call with the same arguments), the drafter's further steps from one chain;
+# 8: the timed passes write their cache in place (donated), as the loop's do
+VERSION = 8
 MIN_CACHE_BUCKET = 128
 OVERHEAD_RATE = 0.5  # running mean of the measured per-pass overhead: weight of the newest run
 MIN_CLOCK_PASSES = 8  # runs with fewer loop passes say too little about the overhead to be recorded
@@ -160,10 +163,13 @@ def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, cache_len: int = 
     shallow = _shallow(model, n)
     tg, ts = nnx.split(shallow)
     mg, ms = nnx.split(model)
-    cache = init_cache(shallow.cfg, batch, cache_len)
     context = cache_len // 2  # attention reads all cache_len slots whatever the fill
+    # each timed pass writes its cache in place, as the decoding loop's passes do: the cache is donated and the
+    # next call gets it back (a cache not donated is copied whole into the output, which no loop pass pays: at
+    # batch 1 and 512 slots that copy is ~15% of a one-slot trunk pass, and it made wider passes look cheaper)
+    caches = {"trunk": init_cache(shallow.cfg, batch, cache_len), "whole": init_cache(model.cfg, batch, cache_len)}
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=3)
     def trunk(state, tokens, positions, cache):
         hidden, cache = nnx.merge(tg, state)(tokens, positions, cache)
         return hidden[:, -1, :8], cache
@@ -172,24 +178,26 @@ def _pass_fns(model: Qwen2, widths: Sequence[int], batch: int, cache_len: int = 
     def head(state, hidden):
         return jnp.argmax(nnx.merge(mg, state).logits(hidden), axis=-1)
 
-    full_cache = init_cache(model.cfg, batch, cache_len)
-
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=3)
     def whole(state, tokens, positions, cache):  # the real one-slot pass: its ms is the table's unit
         m = nnx.merge(mg, state)
         hidden, cache = m(tokens, positions, cache)
         return jnp.argmax(m.logits(hidden[:, -1]), -1), cache
 
+    def in_place(fn, name, *args):
+        out, caches[name] = fn(*args, caches[name])
+        return out
+
     fns = {}
     for w in widths:
         hidden, tokens, positions = _chunk(model, batch, w, context)
-        fns["trunk", w] = lambda t=tokens, p=positions: trunk(ts, t, p, cache)
+        fns["trunk", w] = lambda t=tokens, p=positions: in_place(trunk, "trunk", ts, t, p)
         fns["head", w] = lambda h=hidden: head(ms, h)
-    fns["trunk", "noop"] = lambda t=tokens, p=positions: _noop(ts, t, p, cache)
+    fns["trunk", "noop"] = lambda t=tokens, p=positions: _noop(ts, t, p, caches["trunk"])
     fns["head", "noop"] = lambda h=hidden: _noop(ms, h)
     one, at = jnp.full((batch, 1), 7, jnp.int32), jnp.full((batch, 1), context, jnp.int32)
-    fns["whole", 1] = lambda: whole(ms, one, at, full_cache)
-    fns["whole", "noop"] = lambda: _noop(ms, one, at, full_cache)
+    fns["whole", 1] = lambda: in_place(whole, "whole", ms, one, at)
+    fns["whole", "noop"] = lambda: _noop(ms, one, at, caches["whole"])
     return fns, model.cfg.num_layers / n
 
 
