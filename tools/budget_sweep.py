@@ -18,6 +18,7 @@ and `verify` (drafter + lookup), and the table prints cost per token (ar = 1), t
   gain@R         the running mean of drafting's gain (whether a row drafts at all) forgets at R (budget.GAIN_RATE:
                  the newest pass's weight once the row has seen 1 / R - GAIN_PRIOR - 1 drafting passes)
   prior@N        the gain's prior weighs N passes (budget.GAIN_PRIOR)
+  margin@X       a row stops drafting only once its gain is below -X (ar passes per drafting pass), not 0
   A+B            both changes, e.g. ratio+no-stop
 """
 
@@ -101,6 +102,8 @@ def run_rule(rule: str, backbone, heads, k: int, new: int, samples) -> dict:
     for part in rule.split("+"):
         if part == "no-stop":
             budget.Budget.probing = staticmethod(lambda stats: stats.gain < -1e9)
+        elif part.startswith("margin@"):  # a row stops drafting only once its gain is below -X
+            budget.Budget.probing = staticmethod(lambda stats, x=float(part[7:]): stats.gain <= -x)
         elif part.startswith("value@"):
             budget.Stats.rate = lambda self, L=float(part[6:]): jnp.full_like(self.made, L)
         elif part == "ratio":
