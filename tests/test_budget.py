@@ -152,14 +152,16 @@ def test_a_probe_only_looks():
     b = Budget(CPU.width[:4], CPU.draft_step, 3, greedy=True)
     k, cost = 3, 0.075
     seasoned = jnp.full((2,), 100.0)  # drafting passes seen: the gain forgets at GAIN_RATE
-    stats = dataclasses.replace(Stats.init(2, k), gain=jnp.asarray([-0.1, 0.2]), drafting=seasoned)  # row 0 probes
+    stats = dataclasses.replace(Stats.init(2, k), gain=jnp.asarray([-0.2, 0.2]), drafting=seasoned)  # row 0 probes
     assert b.probing(stats).tolist() == [True, False]
+    near = dataclasses.replace(stats, gain=jnp.asarray([-0.5, -0.5]) * budget.STOP_MARGIN)
+    assert b.probing(near).tolist() == [False, False]  # lost less than the margin: the row feeds on
     conf = jnp.asarray([[0.9, 0, 0], [0.9, 0, 0]])
     none, yes = jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool)
     after = b.observe(stats, conf, none, none, (yes, jnp.ones((2,))), yes, jnp.full((2,), cost), yes)
     g_probe = 1.0 - (CPU.width[1] - CPU.width[0]) - cost
     r, rp = budget.GAIN_RATE, budget.PROBE_WEIGHT  # a probe weighs the PROBE_EVERY tokens it stands for
-    assert float(after.gain[0]) == pytest.approx((1 - rp) * -0.1 + rp * g_probe)  # right: drafting resumes
+    assert float(after.gain[0]) == pytest.approx((1 - rp) * -0.2 + rp * g_probe)  # right: drafting resumes
     assert not b.probing(after).tolist()[0]
     assert float(after.gain[1]) == pytest.approx((1 - r) * 0.2 - r * cost)
     assert float(after.hit[0, 0]) == 1.0 and float(after.seen[0, 0]) == pytest.approx(0.9)

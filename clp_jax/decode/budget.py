@@ -19,7 +19,7 @@ cost D already spent lowers: it fed too little.
   one draft step each) beats the best value it already has.
 * Whether to draft at all: each row keeps a running mean of what drafting gained it, in `ar` passes
   (accepted drafts - extra pass cost - drafting cost; a prior of GAIN_PRIOR passes, then forgetting slowly, so
-  a few misses do not stop a row whose drafts pay on average); below zero the row stops drafting and decodes at
+  a few misses do not stop a row whose drafts pay on average); below -STOP_MARGIN the row stops drafting and decodes at
   `ar` cost, drafting again every PROBE_EVERY tokens to check. A probe only looks: it drafts one step,
   feeds nothing (an `ar`-cost pass), and the pass checks its draft for free; its gain is what feeding it
   would have earned (right - (P(2) - P(1)) - drafting cost), so hopeless drafts cost a probe no more than
@@ -60,6 +60,11 @@ PROBE_EVERY = 8  # a row that stopped drafting drafts again after this many comm
 # GAIN_RATE alone a stopped row whose drafts had turned good needed several right probes (dozens of tokens at
 # `ar` cost) to resume; on the bench's code prompts stops then cost 4.5% (tools/budget_sweep.py, 2026-12-07).
 PROBE_WEIGHT = PROBE_EVERY * GAIN_RATE
+# A row stops drafting once drafting has lost it more than this (ar passes per drafting pass), not as soon as it
+# has gained nothing: a row near break-even feeds on. tools/budget_sweep.py, 2026-12-07 (cost per token, stop at
+# 0 / -0.1 / -0.25 / never): dev prompts 0.720 / 0.716 / 0.713 / 0.713, the bench's own 0.737 / 0.721 / 0.719;
+# drafts that are never right (tests/test_budget.py) +1.2% / +1.7% / +3.3% over `ar`.
+STOP_MARGIN = 0.1
 # The row's rate L (tokens per one-slot pass) starts as RATE_PRIOR pseudo-passes at RATE_INIT, then follows its
 # passes, older ones (and the prior) discounted by RATE_DISCOUNT each.
 RATE_INIT = 1.2
@@ -160,8 +165,9 @@ class Budget:
 
     @staticmethod
     def probing(stats: Stats) -> jax.Array:
-        """[B] rows whose drafting has not paid: they draft only to look (one step, nothing fed)."""
-        return stats.gain <= 0
+        """[B] rows whose drafting has lost (more than STOP_MARGIN per pass): they draft only to look (one step,
+        nothing fed)."""
+        return stats.gain <= -STOP_MARGIN
 
     def observe(self, stats: Stats, conf: jax.Array, fed: jax.Array, n_acc: jax.Array,
                 extra: tuple[jax.Array, jax.Array], drafted: jax.Array, cost: jax.Array, active: jax.Array) -> Stats:
