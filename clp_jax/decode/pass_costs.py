@@ -58,7 +58,10 @@ CHAIN_STEPS = 4  # the drafter's further steps are timed as a chain of this many
 # 8: the timed passes write their cache in place (donated), as the loop's do
 VERSION = 8
 MIN_CACHE_BUCKET = 128
-OVERHEAD_RATE = 0.5  # running mean of the measured per-pass overhead: weight of the newest run
+# running mean of the measured per-pass overhead: weight of the newest run. Every run records (the bench: each
+# prompt), and one prompt's clock says little: at 0.5 the term was the last two prompts' and swung between 0 and
+# 8 ms per pass within an hour (2026-12-07), while whole bench runs showed 0-5 ms; at 0.1 it is ~10 runs' mean.
+OVERHEAD_RATE = 0.1
 MIN_CLOCK_PASSES = 8  # runs with fewer loop passes say too little about the overhead to be recorded
 
 
