@@ -18,7 +18,7 @@ and `verify` (drafter + lookup), and the table prints cost per token (ar = 1), t
   gain@R         the running mean of drafting's gain (whether a row drafts at all) forgets at R (budget.GAIN_RATE:
                  the newest pass's weight once the row has seen 1 / R - GAIN_PRIOR - 1 drafting passes)
   prior@N        the gain's prior weighs N passes (budget.GAIN_PRIOR)
-  margin@X       a row stops drafting only once its gain is below -X (ar passes per drafting pass), not 0
+  margin@X       a row stops drafting only once its gain is below -X (budget.STOP_MARGIN)
   A+B            both changes, e.g. ratio+no-stop
 """
 
@@ -98,12 +98,12 @@ def _ratio_rule():
 
 def run_rule(rule: str, backbone, heads, k: int, new: int, samples) -> dict:
     real = (budget.Budget.__dict__["probing"], budget.Budget.values, budget.Budget.lookahead, budget.GAIN_RATE,
-            budget.Stats.rate, budget.GAIN_PRIOR)
+            budget.Stats.rate, budget.GAIN_PRIOR, budget.STOP_MARGIN)
     for part in rule.split("+"):
         if part == "no-stop":
             budget.Budget.probing = staticmethod(lambda stats: stats.gain < -1e9)
-        elif part.startswith("margin@"):  # a row stops drafting only once its gain is below -X
-            budget.Budget.probing = staticmethod(lambda stats, x=float(part[7:]): stats.gain <= -x)
+        elif part.startswith("margin@"):
+            budget.STOP_MARGIN = float(part[7:])
         elif part.startswith("value@"):
             budget.Stats.rate = lambda self, L=float(part[6:]): jnp.full_like(self.made, L)
         elif part == "ratio":
@@ -128,7 +128,7 @@ def run_rule(rule: str, backbone, heads, k: int, new: int, samples) -> dict:
             r["loop"] += int(res.fed.sum()) if res.fed is not None else 0
     finally:
         (budget.Budget.probing, budget.Budget.values, budget.Budget.lookahead, budget.GAIN_RATE,
-         budget.Stats.rate, budget.GAIN_PRIOR) = real
+         budget.Stats.rate, budget.GAIN_PRIOR, budget.STOP_MARGIN) = real
     return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
