@@ -287,9 +287,8 @@ def test_the_overhead_per_pass_is_measured_from_the_clock_and_included(model, mo
     assert pass_costs.record_clock(model, 1, 128, b, faster) == pytest.approx(
         ((1 - pass_costs.OVERHEAD_RATE) * 3.0 + pass_costs.OVERHEAD_RATE * 1.0) / unit, rel=1e-3)
     never_negative = pass_costs.clock_check(b, 40 * b.pass_cost(2), 40, 40 * 0.5 * unit / 1e3, unit)
-    for _ in range(8):
-        got = pass_costs.record_clock(model, 1, 128, b, never_negative)
-    assert got == 0.0
+    seen = [pass_costs.record_clock(model, 1, 128, b, never_negative) for _ in range(int(8 / pass_costs.OVERHEAD_RATE))]
+    assert all(x >= y >= 0.0 for x, y in zip(seen, seen[1:])) and seen[-1] == 0.0  # falls to zero, never below
     short = pass_costs.clock_check(b, 4 * b.pass_cost(2), 4, 4 * 2 * unit / 1e3, unit)
     assert pass_costs.record_clock(model, 1, 128, b, short) is None
     other = dataclasses.replace(b, ms=b.ms * 2)
