@@ -3,6 +3,7 @@ one, a time budget stops with a checkpoint, resumes refuse another run's checkpo
 
 import dataclasses
 import os
+import types
 
 import jax
 import numpy as np
@@ -132,6 +133,33 @@ def test_the_last_step_is_scored_when_it_is_off_the_scoring_grid(model, store, t
         fit(trainer, _sampler(store, trainer), steps=5, batch_size=4, ckpts=ckpts, meta=meta, early=stop,
             progress=False)
         assert sorted(stop.scores(5)) == [0, 2, 4, 5] and stop.restore_best(trainer) == 5
+
+
+def test_the_step_a_time_budget_stops_at_is_scored(model, store, tmp_path, monkeypatch):
+    """A budget that ends the phase between scores scores the step it stops at, so the training since the last
+    score competes; a rerun continues from there without scoring it again."""
+    from clp_jax.train import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    sampler = None
+
+    def batches(step, rows):  # each step takes one second of the fake clock
+        clock[0] += 1.0
+        return sampler(step, rows)
+
+    trainer, heads = _trainer(model, steps=8)
+    sampler = _sampler(store, trainer)
+    meta = run_meta(heads.cfg, model.cfg, {"store": "s"}, trainer.tc)
+    scores = {0: 0.1, 3: 0.5, 4: 0.2, 8: 0.3}
+    with TrainCheckpoints(str(tmp_path / "ckpt"), every=100, keep=1) as ckpts, \
+            EarlyStopping(lambda t: {"score": scores[t.step_count]}, every=4, patience=0,
+                          scores_path=str(tmp_path / "scores.jsonl"), best_dir=str(tmp_path / "best")) as stop:
+        fit(trainer, batches, steps=8, batch_size=4, ckpts=ckpts, meta=meta, early=stop, budget_seconds=2.5,
+            progress=False)
+        assert trainer.step_count == 3 and sorted(stop.scores(8)) == [0, 3] and ckpts.latest_step() == 3
+        fit(trainer, batches, steps=8, batch_size=4, ckpts=ckpts, meta=meta, early=stop, progress=False)
+        assert sorted(stop.scores(8)) == [0, 3, 4, 8] and stop.restore_best(trainer) == 3
 
 
 def test_a_warm_start_that_training_never_beats_is_kept(model, store, tmp_path):

@@ -179,7 +179,8 @@ def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, 
         tensorboard_dir: str | None = None, budget_seconds: float = 0.0, progress: bool = True,
         early: EarlyStopping | None = None) -> list[dict]:
     """Trains up to global step `steps` (resuming from `ckpts`); stops early, with a checkpoint, when
-    `budget_seconds` (> 0) have passed, on Ctrl-C, or when `early` says held-out scores stopped improving.
+    `budget_seconds` (> 0) have passed (scoring the step it stops at), on Ctrl-C, or when `early` says held-out
+    scores stopped improving.
     `batches(step, rows)` is this process's part of the global batch of `step`."""
     meta = meta or {}
     if ckpts is not None:
@@ -204,6 +205,10 @@ def fit(trainer: Trainer, batches: Callable[[int, slice], dict], *, steps: int, 
             if budget_seconds and time.perf_counter() - t_start > budget_seconds:
                 log.warning("phase %s: time budget spent at step %d of %d; run again to continue.",
                             trainer.phase, trainer.step_count, steps)
+                if early is not None and early.due(trainer.step_count, trainer.step_count):
+                    if ckpts is not None:  # saved before it is scored, as every scored step is
+                        ckpts.save(trainer.step_count, trainer.params, trainer.opt_state, meta, force=True)
+                    early(trainer, meta)  # the steps since the last score compete too
                 break
             batch = batches(trainer.step_count, multihost.process_rows(trainer.mesh, batch_size))
             t0 = time.perf_counter()
