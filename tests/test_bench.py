@@ -92,8 +92,15 @@ def test_bench_smoke(tiny_setup, tmp_path, monkeypatch):
     assert report["meta"]["prompts"] == {"humaneval": 1, "chat": 1}
     for name in ("bench.md", "speedup_vs_quality.png", "acceptance.png"):
         assert os.path.getsize(out / name) > 0
+    drafts = report["drafts"]  # the drafter at every position of ar's output, per set
+    assert set(drafts) == {"humaneval", "chat"}
+    assert sum(d["positions"] for d in drafts.values()) == modes["ar"]["tokens"] - 2  # one per token but the last
+    for name, d in drafts.items():
+        assert len(d["every_position"]) == 2 and all(0.0 <= a <= 1.0 for a in d["every_position"] + d["chain_accepted"])
+        assert 1 <= d["chain_anchors"] <= d["positions"], name
     md = (out / "bench.md").read_text()
     assert "| verify |" in md and "| verify@fixed-heads |" in md and "Pass costs" in md
+    assert "every generated position" in md
 
 
 def test_mode_configs_label_every_variant():

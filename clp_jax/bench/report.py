@@ -51,6 +51,12 @@ def markdown(report: dict) -> str:
                     cell += f", siblings {sib['per_pass']:.2f} ({100 * sib['accepted']:.0f}% right)"
             cells.append(cell)
         lines.append(f"| {PEER_NAMES.get(label, label)} | " + " | ".join(cells) + " |")
+    if report.get("drafts"):
+        lines += ["", "The drafter at every generated position of `ar`'s output (teacher forced: draft j given drafts "
+                  "1..j-1 right; then the first draft along the anchors of a plain chain `verify` over the same "
+                  "text): " + "; ".join(
+                      f"{name} {' '.join(f'{a:.2f}' for a in d['every_position'])} ({d['positions']} positions), "
+                      f"at chain anchors {d['chain_accepted'][0]:.2f}" for name, d in report["drafts"].items()) + "."]
     rf = meta["roofline"]
     mach = meta["machine"]
     prompts = ", ".join(f"{n} {name}" for name, n in meta["prompts"].items())

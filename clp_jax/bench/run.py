@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from clp_jax.bench import quality, roofline
+from clp_jax.bench import drafts, quality, roofline
 from clp_jax.bench import report as bench_report
 from clp_jax.bench.peers import PEERS, TransformersPeer
 from clp_jax.bench.vllm_peer import VLLM_PEERS, check_vllm, vllm_runs
@@ -420,7 +420,12 @@ def measure(backbone, heads, samples: Sequence[Sample], configs: dict[str, Decod
         "pass_costs": _costs_of(decoders, runs),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    return {"meta": meta, "modes": results}
+    report = {"meta": meta, "modes": results}
+    if heads is not None and any(dc.mode in MTP_MODES for dc in configs.values()):
+        # the drafter at every position of ar's output, not only where a pass anchored it
+        report["drafts"] = drafts.by_set(backbone.model, heads, [s.set for s in samples], [s.ids for s in samples],
+                                         [r.tokens for r in ar_runs], meta["k"], progress)
+    return report
 
 
 if __name__ == "__main__":
