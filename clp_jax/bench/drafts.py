@@ -28,7 +28,7 @@ WIDTH_STEP = 64  # sequences are padded to a multiple of this: one program per w
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(bb_def, heads_def, k: int, width: int):
+def _scorer(bb_def, heads_def, width: int):
     @jax.jit
     def run(bb_state, heads_state, toks, length, prompt_len):  # toks [1, W]
         backbone, heads = nnx.merge(bb_def, bb_state), nnx.merge(heads_def, heads_state)
@@ -58,7 +58,7 @@ def chain_outcomes(backbone, heads, prompt: Sequence[int], output: Sequence[int]
     toks[0, :L] = seq
     bb_def, bb_state = nnx.split(backbone)
     heads_def, heads_state = nnx.split(heads)
-    ok, anchors = _scorer(bb_def, heads_def, k, width)(bb_state, heads_state, jnp.asarray(toks), L, P)
+    ok, anchors = _scorer(bb_def, heads_def, width)(bb_state, heads_state, jnp.asarray(toks), L, P)
     ok, anchors = np.asarray(ok), np.asarray(anchors)
     n = np.flatnonzero(anchors)  # P-1 .. L-2
     scored = (n[:, None] + np.arange(k)[None] + 1) <= L - 2  # draft j's target y_{n+j+1}: the token at n+j+2
