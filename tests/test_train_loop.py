@@ -216,6 +216,23 @@ def test_trained_heads_keep_their_draft_vocabulary_and_calibration(model, store,
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_warm_start_keeps_the_vocabulary_its_heads_draft_from(model, store, tmp_path):
+    from clp_jax.train.pipeline import draft_vocabulary, inherited_vocabulary
+    vocab = np.arange(1, 129, 2, dtype=np.int32)
+    heads = Heads(HeadsConfig.for_backbone(model.cfg, k=2, kind="draft_layer", gate=False), rngs=nnx.Rngs(0),
+                  draft_vocab=vocab)
+    save_heads(str(tmp_path / "heads"), heads, model.cfg)
+    inherited = inherited_vocabulary(str(tmp_path / "heads"), model.cfg)
+    np.testing.assert_array_equal(inherited, vocab)
+    assert inherited_vocabulary("", model.cfg) is None
+    records, eos = np.arange(len(store)), [model.cfg.vocab_size - 1]
+    kept = draft_vocabulary(store, records, 16, model.cfg.vocab_size, eos, str(tmp_path / "a.npy"), inherited)
+    np.testing.assert_array_equal(kept, vocab)  # not the 16 most frequent labels of this store
+    fresh = draft_vocabulary(store, records, 16, model.cfg.vocab_size, eos, str(tmp_path / "b.npy"))
+    assert len(fresh) <= 17 and not np.array_equal(fresh, vocab)  # 16 labels and the eos
+    np.testing.assert_array_equal(np.load(str(tmp_path / "a.npy")), vocab)  # fixed for the run's resumes
+
+
 def test_load_config_with_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nlearning_rate = 1e-3\n[run]\nsteps = 5\n')

@@ -92,15 +92,30 @@ def training_subset(store: fs.FeatureStore, records: np.ndarray, targets: int, k
     return np.sort(order[:n])
 
 
-def draft_vocabulary(store: fs.FeatureStore, records: np.ndarray, size: int, vocab_size: int, eos, path: str):
-    """The drafters' vocabulary, fixed at the run's first start (kept in `path`)."""
+def draft_vocabulary(store: fs.FeatureStore, records: np.ndarray, size: int, vocab_size: int, eos, path: str,
+                     inherited=None):
+    """The drafters' vocabulary, fixed at the run's first start (kept in `path`): the one a warm start's heads
+    drafted from (`inherited` [U]), so new data of another mix cannot drop tokens they learned to draft, else
+    the `size` most frequent labels of the training records (0: the whole vocabulary)."""
     if os.path.exists(path):
         return np.load(path)
-    vocab = (np.arange(vocab_size, dtype=np.int32) if not size
-             else fs.label_vocabulary(store.labels[records], size, always=[e for e in eos if e < vocab_size]))
+    if inherited is not None:
+        vocab = np.asarray(inherited, np.int32)
+    elif not size:
+        vocab = np.arange(vocab_size, dtype=np.int32)
+    else:
+        vocab = fs.label_vocabulary(store.labels[records], size, always=[e for e in eos if e < vocab_size])
     if multihost.is_writer():
         np.save(path, vocab)
     return vocab
+
+
+def inherited_vocabulary(init_from: str, backbone_cfg) -> np.ndarray | None:
+    """The draft vocabulary of the heads a run warm-starts from (None: no warm start, or heads without one)."""
+    if not init_from:
+        return None
+    old = checkpoint.load_heads(init_from, backbone_cfg)
+    return None if old.draft_vocab is None else np.asarray(old.draft_vocab[...])
 
 
 def init_heads(hc: HeadsConfig, backbone, vocab, init_from: str, seed: int) -> Heads:
@@ -202,7 +217,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
                  store.positions(parts["train"]), rc.train_targets, list(rc.train_kinds) or "all")
     hc = cfg.heads_config(backbone.cfg)
     vocab = draft_vocabulary(store, parts["train"], rc.vocab_size, backbone.cfg.vocab_size, backbone.eos_token_ids,
-                             os.path.join(out_dir, "draft_vocab.npy"))
+                             os.path.join(out_dir, "draft_vocab.npy"), inherited_vocabulary(rc.init_from, backbone.cfg))
     heads = init_heads(hc, backbone.model, vocab, rc.init_from, rc.seed)
     log.info("parameters: %s; drafting from %d tokens", param_summary(heads), len(vocab))
     data_meta = {"store": _digest(np.asarray(plan)), "train": _digest(parts["train"]), "vocab": _digest(vocab),
