@@ -135,13 +135,11 @@ def teacher_forced(model, tokens: np.ndarray, lengths: np.ndarray, *, batch_size
         valid = pos < lens[:, None]
         h, _ = m(toks, pos, None, kv_valid=valid)  # [B, W, D]
         logits = m.logits(h).astype(jnp.float32)  # [B, W, V]
-        if topk:  # the top-1 is the argmax (ties to the lower id, as argmax): one pass over [B, W, V] saved
+        y = jnp.where(valid, jnp.argmax(logits, -1).astype(jnp.int32), -1)
+        if topk:  # (XLA:CPU keeps top_k a partial sort only while its ids are not sliced: no y = ids[..., 0])
             probs, ids = top_k_probs(logits, topk)
-            greedy = ids[..., 0]
         else:
             probs, ids = jnp.zeros((*toks.shape, 0)), jnp.zeros((*toks.shape, 0), jnp.int32)
-            greedy = jnp.argmax(logits, -1).astype(jnp.int32)
-        y = jnp.where(valid, greedy, -1)
         return h.astype(jnp.bfloat16), y, ids, probs.astype(jnp.float16)
 
     out = {"hidden": np.zeros((N, T, model.cfg.hidden_size), ml_dtypes.bfloat16),
