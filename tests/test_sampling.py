@@ -74,6 +74,15 @@ def _samples(model, heads, mode, sc, prompt, seed=0, adaptive=None, budget="fixe
     return [tuple(t) for t in out.tokens], out
 
 
+def test_top_k_filter_compiles_without_a_sort_of_the_vocabulary():
+    """XLA:CPU lowers top_k to a partial sort, but to a full sort of the row once its output is sliced
+    (112 ms against 1 ms a step at [4, 151936]): the filter must not slice it."""
+    import jax
+    logits = jnp.zeros((4, 4096), jnp.float32)
+    text = jax.jit(lambda x: probs(x, SamplingConfig(temperature=1.0, top_k=50))).lower(logits).compile().as_text()
+    assert " sort(" not in text
+
+
 def test_verify_sampling_matches_ar_distribution(setting):
     """Tokens 2 and 3 come from one verified step; a wrong acceptance rule shifts their law."""
     model, heads, sc, prompt, exact = setting

@@ -33,7 +33,9 @@ def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
     """The distribution tokens are drawn from: softmax(logits / T), filtered by top-k and top-p. [..., V]"""
     logits = logits.astype(jnp.float32) / max(sc.temperature, 1e-6)
     if sc.top_k:
-        kth = jax.lax.top_k(logits, sc.top_k)[0][..., -1:]
+        # the k-th largest as the min of the top k: slicing top_k's output makes XLA:CPU lower it to a full
+        # sort of the vocabulary (112 ms against 1 ms at [4, 151936])
+        kth = jax.lax.top_k(logits, sc.top_k)[0].min(-1, keepdims=True)
         logits = jnp.where(logits < kth, NEG_LOGIT, logits)
     p = jax.nn.softmax(logits, axis=-1)
     if sc.top_p < 1.0:
