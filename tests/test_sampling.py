@@ -74,6 +74,29 @@ def _samples(model, heads, mode, sc, prompt, seed=0, adaptive=None, budget="fixe
     return [tuple(t) for t in out.tokens], out
 
 
+def test_top_p_reads_the_nucleus_from_the_top_candidates_or_falls_back_to_a_full_sort():
+    """The same threshold as a full sort of the vocabulary, whether the nucleus lies among the top
+    NUCLEUS_CANDIDATES tokens (peaked rows) or not (a flat row sends the batch to the full sort)."""
+    import jax
+    from clp_jax.decode.sampling import NUCLEUS_CANDIDATES, nucleus_cutoff
+
+    def reference(p, top_p):
+        desc = -jnp.sort(-p, axis=-1)
+        keep = (jnp.cumsum(desc, axis=-1) - desc) < top_p
+        return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+
+    V = 4 * NUCLEUS_CANDIDATES
+    peaked = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (3, 2, V)) * 6.0, -1)
+    flat = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (3, 2, V)) * 0.1, -1)
+    for top_p in (0.5, 0.9, 0.95):
+        assert bool(jnp.all(jax.lax.top_k(peaked, NUCLEUS_CANDIDATES)[0].sum(-1) >= top_p))  # the fast branch
+        np.testing.assert_array_equal(nucleus_cutoff(peaked, top_p), reference(peaked, top_p))
+        assert bool(jnp.any(jax.lax.top_k(flat, NUCLEUS_CANDIDATES)[0].sum(-1) < top_p))  # the full sort
+        np.testing.assert_array_equal(nucleus_cutoff(flat, top_p), reference(flat, top_p))
+        mixed = jnp.concatenate([peaked, flat[:1]])
+        np.testing.assert_array_equal(nucleus_cutoff(mixed, top_p), reference(mixed, top_p))
+
+
 def test_top_k_filter_compiles_without_a_sort_of_the_vocabulary():
     """XLA:CPU lowers top_k to a partial sort, but to a full sort of the row once its output is sliced
     (112 ms against 1 ms a step at [4, 151936]): the filter must not slice it."""

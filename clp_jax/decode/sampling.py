@@ -39,14 +39,29 @@ def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
         logits = jnp.where(logits < kth, NEG_LOGIT, logits)
     p = jax.nn.softmax(logits, axis=-1)
     if sc.top_p < 1.0:
-        sorted_p = -jnp.sort(-p, axis=-1)  # descending
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays); a
-        # threshold rather than a scatter back to vocabulary order (ties at the cut are kept)
-        keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < sc.top_p
-        cutoff = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
-        p = jnp.where(p >= cutoff, p, 0.0)
+        p = jnp.where(p >= nucleus_cutoff(p, sc.top_p), p, 0.0)
         p = p / jnp.sum(p, axis=-1, keepdims=True)
     return p
+
+
+NUCLEUS_CANDIDATES = 256  # the nucleus is looked for among the most likely tokens first
+
+
+def _cutoff(desc: jax.Array, top_p: float) -> jax.Array:
+    """The smallest probability of the shortest prefix of `desc` [..., n] (descending) whose mass reaches
+    top_p (the first token always stays) -> [..., 1]; a threshold, so ties at the cut are kept."""
+    keep = (jnp.cumsum(desc, axis=-1) - desc) < top_p
+    return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def nucleus_cutoff(p: jax.Array, top_p: float) -> jax.Array:
+    """The top-p threshold of p [..., V] -> [..., 1]. Exact: read from the top NUCLEUS_CANDIDATES tokens (a
+    partial sort) when their mass reaches top_p in every row, which is the usual case; else from a full sort
+    of the vocabulary (XLA:CPU: ~20-40 ms a row at V = 151,936, more than a pass of the 0.5B backbone)."""
+    n = min(NUCLEUS_CANDIDATES, p.shape[-1])
+    top = jax.lax.top_k(p, n)[0]  # [..., n], descending
+    return jax.lax.cond(jnp.all(jnp.sum(top, axis=-1) >= top_p), lambda: _cutoff(top, top_p),
+                        lambda: _cutoff(-jnp.sort(-p, axis=-1), top_p))
 
 
 def sample(key: jax.Array, p: jax.Array) -> jax.Array:
