@@ -47,21 +47,28 @@ def probs(logits: jax.Array, sc: SamplingConfig) -> jax.Array:
 NUCLEUS_CANDIDATES = 256  # the nucleus is looked for among the most likely tokens first
 
 
-def _cutoff(desc: jax.Array, top_p: float) -> jax.Array:
-    """The smallest probability of the shortest prefix of `desc` [..., n] (descending) whose mass reaches
-    top_p (the first token always stays) -> [..., 1]; a threshold, so ties at the cut are kept."""
+def _cutoff(desc: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """Over `desc` [..., n] (descending): which tokens the shortest prefix whose mass reaches top_p keeps (the
+    first always stays) [..., n], and its smallest probability [..., 1] (a threshold: ties at the cut stay)."""
     keep = (jnp.cumsum(desc, axis=-1) - desc) < top_p
-    return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    return keep, jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
 
 
 def nucleus_cutoff(p: jax.Array, top_p: float) -> jax.Array:
-    """The top-p threshold of p [..., V] -> [..., 1]. Exact: read from the top NUCLEUS_CANDIDATES tokens (a
-    partial sort) when their mass reaches top_p in every row, which is the usual case; else from a full sort
-    of the vocabulary (XLA:CPU: ~20-40 ms a row at V = 151,936, more than a pass of the 0.5B backbone)."""
-    n = min(NUCLEUS_CANDIDATES, p.shape[-1])
-    top = jax.lax.top_k(p, n)[0]  # [..., n], descending
-    return jax.lax.cond(jnp.all(jnp.sum(top, axis=-1) >= top_p), lambda: _cutoff(top, top_p),
-                        lambda: _cutoff(-jnp.sort(-p, axis=-1), top_p))
+    """The top-p threshold of p [..., V] -> [..., 1], as a full sort of the vocabulary gives it (XLA:CPU: ~20-40
+    ms a row at V = 151,936, more than a pass of the 0.5B backbone). Read instead from the NUCLEUS_CANDIDATES + 1
+    most likely tokens (a partial sort) when, in every row, the last of them is outside the nucleus by the same
+    test (the usual case), or the row is uniform (rows nobody reads, such as zero logits: the cut is their value);
+    exact where a prefix's cumulative sum is the prefix of the cumulative sum, as on XLA:CPU."""
+    n = NUCLEUS_CANDIDATES + 1
+    if p.shape[-1] <= n:
+        return _cutoff(-jnp.sort(-p, axis=-1), top_p)[1]
+    top = jax.lax.top_k(p, n)[0]  # [..., n], descending; not sliced (a slice turns it into a full sort)
+    keep, cut = _cutoff(top, top_p)
+    beyond = jnp.any(keep & (jnp.arange(n) == n - 1), axis=-1)  # the n-th most likely token is in the nucleus
+    uniform = jnp.max(p, axis=-1) == jnp.min(p, axis=-1)
+    return jax.lax.cond(jnp.all(~beyond | uniform), lambda: cut,
+                        lambda: _cutoff(-jnp.sort(-p, axis=-1), top_p)[1])
 
 
 def sample(key: jax.Array, p: jax.Array) -> jax.Array:

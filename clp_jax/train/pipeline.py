@@ -111,11 +111,16 @@ def draft_vocabulary(store: fs.FeatureStore, records: np.ndarray, size: int, voc
 
 
 def inherited_vocabulary(init_from: str, backbone_cfg) -> np.ndarray | None:
-    """The draft vocabulary of the heads a run warm-starts from (None: no warm start, or heads without one)."""
+    """The draft vocabulary of the heads a run warm-starts from (the whole vocabulary for heads that drafted
+    from all of it; None without a warm start)."""
     if not init_from:
         return None
     old = checkpoint.load_heads(init_from, backbone_cfg)
-    return None if old.draft_vocab is None else np.asarray(old.draft_vocab[...])
+    vocab = (np.arange(backbone_cfg.vocab_size, dtype=np.int32) if old.draft_vocab is None
+             else np.asarray(old.draft_vocab[...], np.int32))
+    log.info("warm start: the drafters keep the %d-token vocabulary of %s (run.vocab_size does not apply)",
+             len(vocab), init_from)
+    return vocab
 
 
 def init_heads(hc: HeadsConfig, backbone, vocab, init_from: str, seed: int) -> Heads:
@@ -216,8 +221,10 @@ def run(cfg: Config, progress: bool = True) -> dict:
         log.info("training subset: %d records, %d targets (run.train_targets %d, kinds %s)", len(parts["train"]),
                  store.positions(parts["train"]), rc.train_targets, list(rc.train_kinds) or "all")
     hc = cfg.heads_config(backbone.cfg)
+    vocab_path = os.path.join(out_dir, "draft_vocab.npy")
     vocab = draft_vocabulary(store, parts["train"], rc.vocab_size, backbone.cfg.vocab_size, backbone.eos_token_ids,
-                             os.path.join(out_dir, "draft_vocab.npy"), inherited_vocabulary(rc.init_from, backbone.cfg))
+                             vocab_path, None if os.path.exists(vocab_path) else
+                             inherited_vocabulary(rc.init_from, backbone.cfg))
     heads = init_heads(hc, backbone.model, vocab, rc.init_from, rc.seed)
     log.info("parameters: %s; drafting from %d tokens", param_summary(heads), len(vocab))
     data_meta = {"store": _digest(np.asarray(plan)), "train": _digest(parts["train"]), "vocab": _digest(vocab),
