@@ -64,21 +64,35 @@ def main(argv=None) -> int:
                                 feature_batch_size=1, progress=False, missing="skip")
     store = fs.FeatureStore(cfg.run.store_dir, plan)
     by_kind = heldout_by_kind(store, split_indices(store, cfg.data)["heldout"], args.records)
-    results = {}
-    for path in args.heads:
-        heads = checkpoint.load_heads(path, backbone.cfg)
+
+    def score(heads):
         vocab = (np.asarray(heads.draft_vocab[...]) if heads.draft_vocab is not None
                  else np.arange(backbone.cfg.vocab_size, dtype=np.int32))
         trainer = Trainer(backbone.model, heads, "drafter", cfg.train, vocab, 1)
-        results[path] = {kind: evaluate(trainer, store, recs, args.batch_size) for kind, recs in by_kind.items()}
-        print(f"{path}:")
-        for kind, r in results[path].items():
-            print(f"  {kind:10s} first draft {r['agreement'][0]:.4f}  per draft {r['agreement']}  "
-                  f"({r['records']} records, {r['positions']} positions)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"config": args.config, "records_per_kind": args.records, "heads": results}, f, indent=1)
+        return {kind: evaluate(trainer, store, recs, args.batch_size) for kind, recs in by_kind.items()}
+
+    results = score_each(args.heads, backbone.cfg, score, lambda r: (
+        f"first draft {r['agreement'][0]:.4f}  per draft {r['agreement']}  "
+        f"({r['records']} records, {r['positions']} positions)"))
+    write(args.out, {"config": args.config, "records_per_kind": args.records, "heads": results})
     return 0
+
+
+def score_each(paths, backbone_cfg, score, describe) -> dict:
+    """{path: score(heads) per kind or set}, printed a line per kind with `describe`."""
+    results = {}
+    for path in paths:
+        results[path] = score(checkpoint.load_heads(path, backbone_cfg))
+        print(f"{path}:")
+        for name, r in results[path].items():
+            print(f"  {name:10s} {describe(r)}")
+    return results
+
+
+def write(path: str, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
 
 
 def on_bench_prompts(args) -> int:
@@ -94,19 +108,12 @@ def on_bench_prompts(args) -> int:
     outputs = [None] * len(samples)
     for f in batching.stream(dec, [s.ids for s in samples], 8):  # greedy: the tokens of the bench's batch-1 `ar`
         outputs[f.index] = f.tokens
-    results = {}
-    for path in args.heads:
-        heads = checkpoint.load_heads(path, backbone.cfg)
-        results[path] = drafts.by_set(backbone.model, heads, [s.set for s in samples], [s.ids for s in samples],
-                                      outputs, args.k, progress=True)
-        print(f"{path}:")
-        for name, r in results[path].items():
-            print(f"  {name:10s} first draft {r['every_position'][0]:.4f}  per draft {r['every_position']}  "
-                  f"at a chain's anchors {r['chain_accepted'][0]:.4f}  ({r['positions']} positions)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"bench_prompts": args.bench, "k": args.k, "max_new_tokens": args.max_new_tokens,
-                       "heads": results}, f, indent=1)
+    results = score_each(args.heads, backbone.cfg, lambda heads: drafts.by_set(
+        backbone.model, heads, [s.set for s in samples], [s.ids for s in samples], outputs, args.k, progress=True),
+        lambda r: (f"first draft {r['every_position'][0]:.4f}  per draft {r['every_position']}  "
+                   f"at a chain's anchors {r['chain_accepted'][0]:.4f}  ({r['positions']} positions)"))
+    write(args.out, {"bench_prompts": args.bench, "k": args.k, "max_new_tokens": args.max_new_tokens,
+                     "heads": results})
     return 0
 
 
